@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
+# Stage commands say `python`: make it the project's interpreter.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+UI_PORT ?= 5000
 
 .PHONY: setup test repro smoke bench ui
 
@@ -20,3 +23,13 @@ test: setup
 
 repro: setup
 	$(BIN)/dvc repro
+
+# The whole DAG offline as a DVC experiment (params-smoke.yaml over params.yaml, in a temporary
+# copy: the workspace's params.yaml and dvc.lock stay as they are). E.g. ARGS="-n my-smoke -S lora.rank=4".
+smoke: setup
+	$(BIN)/gpt2lab smoke $(ARGS)
+
+# MLflow UI over the local store, light: one worker, no job runner. Ctrl-C stops it.
+ui: setup
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --workers 1 --host 127.0.0.1 --port $(UI_PORT) \
+		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db --artifacts-destination $(CURDIR)/mlartifacts

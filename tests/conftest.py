@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from gpt2lab.model import GPT2, GPT2Config
 
+_MLFLOW_URI_AT_START = os.environ.get("MLFLOW_TRACKING_URI")
 TINY = GPT2Config(vocab_size=50257, n_ctx=64, n_embd=32, n_layer=2, n_head=4)
 
 
@@ -18,6 +20,20 @@ def _quiet_env() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _isolate_mlflow_store():
+    """MLflow keeps the tracking URI in a process global (and mirrors it into the environment);
+    reset both after each test (module fixtures included) so no store leaks into the next test."""
+    before = _MLFLOW_URI_AT_START
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(before)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @pytest.fixture

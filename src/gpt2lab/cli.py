@@ -19,6 +19,75 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}/model.safetensors and {out}/config.json")
 
 
+def _generate(args: argparse.Namespace) -> None:
+    import time
+
+    import torch
+
+    from gpt2lab.generate import DTYPES, check_sampling, stream_text
+    from gpt2lab.weights import load_model
+
+    check_sampling(args.temperature, args.top_k or None, args.top_p)  # before the slow part: loading the model
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, dtype=DTYPES[args.precision])
+    generator = torch.Generator().manual_seed(args.seed)
+    print(args.prompt, end="", flush=True)
+    t0, n = time.perf_counter(), 0
+    for n, piece in enumerate(stream_text(model, args.prompt, args.max_new_tokens, stop_at_eos=not args.ignore_eos,
+                                          temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                                          generator=generator), start=1):  # fmt: skip
+        print(piece, end="", flush=True)
+    print()
+    logging.getLogger("gpt2lab.cli").info("%d tokens in %.2f s", n, time.perf_counter() - t0)
+
+
+def _smoke(args: argparse.Namespace) -> int:
+    from gpt2lab.pipeline import run_smoke
+
+    extra = (["-n", args.name] if args.name else []) + [a for kv in args.set_param for a in ("-S", kv)]
+    return run_smoke(".", extra + args.dvc_args)
+
+
+def _read_messages(path: str) -> list[str]:
+    """One message per line of ``path`` (``-``: standard input), UTF-8; blank lines are skipped."""
+    from pathlib import Path
+
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        text = data.decode("utf-8")
+    except OSError as err:
+        raise Gpt2labError(f"--file {path}: cannot read it ({err.strerror or err})") from err
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise Gpt2labError(f"--file {path}, line {line}: not UTF-8 text; save the file as UTF-8") from err
+    # split("\n"), not splitlines(): a message may hold other Unicode line separators.
+    return [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
+
+
+def _classify(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from gpt2lab.classifier import META_FILE, Classifier
+
+    texts = list(args.messages) + (_read_messages(args.file) if args.file else [])
+    if not texts:
+        raise Gpt2labError("nothing to classify: give messages as arguments, or --file FILE with one per line")
+    if not (Path(args.model) / META_FILE).is_file():
+        raise Gpt2labError(f"no trained classifier at {args.model}; run `make repro` or `make smoke`, or pass --model")
+    clf = Classifier.load(args.model, args.base, batch_size=args.batch_size, precision=args.precision,
+                          threshold=args.threshold)  # fmt: skip
+    results = clf.classify(texts)
+    if args.json:
+        print(json.dumps(results))
+        return
+    for text, result in zip(texts, results):
+        preview = " ".join(text.split())
+        preview = preview if len(preview) <= 60 else preview[:57] + "..."
+        print(f"{result['label']:<4}  {result['probability']:.4f}  {preview}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt2lab", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -28,6 +97,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="OpenAI checkpoint folder (with hparams.json) or Hugging Face .safetensors file/folder")
     p.add_argument("output_dir", help="folder to write model.safetensors and config.json into")
     p.set_defaults(func=_convert)
+
+    from gpt2lab.config import GenerateParams  # the defaults of params.yaml's generate section
+
+    d = GenerateParams()
+    p = sub.add_parser("generate", help="continue a prompt with GPT-2, streaming the text")
+    p.add_argument("prompt", help="text to continue (empty: start from <|endoftext|>)")
+    p.add_argument("--model", default="models/base", help="converted checkpoint folder (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="default: %(default)s")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="keep the k likeliest; 0 = off (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling, 0 < p <= 1 (default: off)")
+    p.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision, help="default: %(default)s")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going after <|endoftext|>")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("smoke", help="run the whole pipeline offline as a DVC experiment (params-smoke.yaml)")
+    p.add_argument("-n", "--name", help="the experiment's name (default: DVC picks one)")
+    p.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a param over the profile's, e.g. -S lora.rank=4 (repeatable)")  # fmt: skip
+    p.add_argument("dvc_args", nargs="*", help="after --: more `dvc exp run` arguments")
+    p.set_defaults(func=_smoke)
+
+    p = sub.add_parser("classify", help="classify messages as spam or ham with the trained classifier")
+    p.add_argument("messages", nargs="*", help="messages to classify (quote each one)")
+    p.add_argument("--file", help="also classify each non-blank line of this UTF-8 file ('-': standard input)")
+    p.add_argument("--json", action="store_true", help='print [{"label": ..., "probability": ...}, ...] in input order')
+    p.add_argument("--model", default="models/classifier", help="trained classifier folder (default: %(default)s)")
+    p.add_argument("--base", default=None, help="its base checkpoint (default: the one it was trained on)")
+    p.add_argument("--threshold", type=float, default=0.5, help="spam when probability >= it (default: %(default)s)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=32, help="messages per forward pass (default: %(default)s)")
+    p.set_defaults(func=_classify)
     return parser
 
 

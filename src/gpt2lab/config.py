@@ -154,6 +154,7 @@ class TrainParams:
     eval_iter: int = 5
     precision: str = "bf16"
     max_length: int | None = None
+    bucket: bool = True
     num_threads: int | None = None
     checkpoint_every: int = 0
     resume: bool = True
@@ -198,10 +199,12 @@ class EvalParams:
 
     batch_size: int = 32
     precision: str = "bf16"
+    threshold: float = 0.5
 
     def validate(self, section: str) -> None:
         _require(self.batch_size > 0, f"{section}.batch_size", "an integer > 0", self.batch_size)
         _require(self.precision in PRECISIONS, f"{section}.precision", " | ".join(PRECISIONS), self.precision)
+        _require(0.0 <= self.threshold <= 1.0, f"{section}.threshold", "0 <= threshold <= 1", self.threshold)
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,25 @@
 """Classification metrics and their plot data; spam (label 1) is the positive class.
 
-The functions here are pure: predictions in, dicts and tables out. The ``evaluate`` stage
-feeds them the classifier's probabilities on each split and writes the results.
+The metric functions are pure: predictions in, dicts and tables out. The ``evaluate`` stage
+calls :func:`evaluate_classifier` (the classifier's probabilities on each split, fed to them)
+and :func:`write_outputs` (metrics JSON, predictions, plot data and images).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
+
+from gpt2lab.errors import Gpt2labError
+
+log = logging.getLogger(__name__)
 
 LABELS = ("ham", "spam")
 
@@ -100,3 +108,88 @@ def _save(fig, path: Path) -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+# --- the evaluate stage -------------------------------------------------------------------
+SPLITS = ("train", "validation", "test")
+PLOT_SPLIT = "test"  # the plots show the held-out split
+PLOT_FILES = {"confusion": "confusion.csv", "roc": "roc.csv", "pr": "pr.csv"}
+
+
+class EvalError(Gpt2labError, RuntimeError):
+    """The evaluation cannot run: an input of the stage is missing."""
+
+
+def evaluate_classifier(
+    classifier_dir: str | Path,
+    data_dir: str | Path,
+    *,
+    batch_size: int = 32,
+    precision: str = "bf16",
+    threshold: float = 0.5,
+    base_dir: str | Path | None = None,
+    splits: Sequence[str] = SPLITS,
+) -> dict:
+    """Score the trained classifier on each prepared split.
+
+    Args:
+        classifier_dir: the folder the train stage wrote (``models/classifier``).
+        data_dir: the folder with ``{train,validation,test}.csv`` (``data/prepared``).
+        batch_size, precision, threshold: params.yaml's ``eval`` section.
+        base_dir: the base checkpoint; default: the one recorded at training time.
+
+    Returns:
+        ``{"metrics": {split: classification_metrics(...), ..., "base_pretrained": bool,
+        "threshold": float, "precision": str}, "predictions": DataFrame}`` where the predictions
+        have one row per message: ``split, row`` (its row in the split's CSV), ``label``, ``probability``.
+    """
+    from gpt2lab.classifier import Classifier, read_classifier_meta  # local: the metrics need no torch
+    from gpt2lab.data import read_split
+
+    paths = {split: Path(data_dir) / f"{split}.csv" for split in splits}
+    for path in paths.values():
+        if not path.is_file():
+            raise EvalError(f"{path}: missing; run the prepare_data stage first (dvc repro prepare_data)")
+    clf = Classifier.load(classifier_dir, base_dir, batch_size=batch_size, precision=precision, threshold=threshold)
+    meta = read_classifier_meta(classifier_dir)
+    if not meta["base"].get("pretrained", False):  # say so where the numbers are read
+        log.warning("the classifier was trained on RANDOM base weights: its metrics are a smoke check only")
+    metrics: dict = {}
+    frames = []
+    for split, path in paths.items():
+        df = read_split(path)
+        t0 = time.perf_counter()
+        probs = clf.predict_proba(df.Text.tolist())
+        log.info("%s: %d messages in %.1f s", split, len(df), time.perf_counter() - t0)
+        metrics[split] = classification_metrics(df.Label, probs, threshold)
+        rows = {"split": split, "row": np.arange(len(df)), "label": df.Label, "probability": probs}
+        frames.append(pd.DataFrame(rows))
+    pretrained = bool(meta["base"].get("pretrained", False))
+    metrics.update(base_pretrained=pretrained, threshold=threshold, precision=precision)
+    return {"metrics": metrics, "predictions": pd.concat(frames, ignore_index=True)}
+
+
+def write_outputs(
+    result: dict, metrics_file: str | Path, predictions_file: str | Path, plots_dir: str | Path
+) -> list[Path]:
+    """Write the metrics JSON, every prediction (CSV), and the test split's plots: data and PNGs.
+
+    ``plots_dir`` gets ``confusion.csv`` (``actual, predicted``), ``roc.csv`` (``fpr, tpr,
+    threshold``) and ``pr.csv`` (``recall, precision``) for DVC's plot templates, plus
+    ``confusion_matrix.png``, ``roc.png`` and ``precision_recall.png``, which render offline.
+    Probabilities are written at full precision, so metrics recomputed from the CSV are exact.
+    """
+    from gpt2lab.download import write_atomic
+
+    metrics, predictions = result["metrics"], result["predictions"]
+    threshold = metrics.get("threshold", 0.5)
+    written = [write_atomic(metrics_file, json.dumps(metrics, indent=2) + "\n")]
+    written.append(write_atomic(predictions_file, predictions.to_csv(index=False, lineterminator="\n")))
+    part = predictions[predictions.split == PLOT_SPLIT]
+    y, p = part.label.to_numpy(), part.probability.to_numpy()
+    plots_dir = Path(plots_dir)
+    tables = {"confusion": confusion_table(y, p, threshold), "roc": roc_table(y, p), "pr": pr_table(y, p)}
+    for name, table in tables.items():
+        written.append(write_atomic(plots_dir / PLOT_FILES[name], table.to_csv(index=False, lineterminator="\n")))
+    written += save_figures(y, p, plots_dir, threshold)
+    return written

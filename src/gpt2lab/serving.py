@@ -1,0 +1,191 @@
+"""The spam classifier as an MLflow pyfunc model, logged as "models from code" (nothing pickled).
+
+:func:`log_model` logs, inside an MLflow run:
+
+- the model code ``serving_model.py`` (it calls ``mlflow.models.set_model``) and a copy of the
+  ``gpt2lab`` package sources, so the model runs where gpt2lab is not installed;
+- artifacts: the trained classifier folder and its base checkpoint folder (both safetensors
+  plus JSON) and, where it is cached, the GPT-2 BPE ranks file, so serving needs no download;
+- a signature (input column ``text`` string; outputs ``label`` string, ``probability`` double),
+  an input example, and pip requirements pinned to the versions installed here.
+
+Served with ``mlflow models serve -m runs:/<run id>/model --env-manager local``, POST
+``/invocations`` with ``{"dataframe_records": [{"text": "..."}]}`` or
+``{"inputs": {"text": ["...", "..."]}}`` answers
+``{"predictions": [{"label": "spam", "probability": 0.97}, ...]}``, in input order. A body that
+is not JSON, a missing ``text`` column, a value that is not a string (``dataframe_records`` and
+``dataframe_split`` keep JSON's types) or text that is not valid Unicode gets HTTP 400 with the
+reason. With ``inputs`` MLflow itself casts values to the signature's string type first, so a
+number there is read as its digits. Messages are read as :class:`gpt2lab.Classifier` reads them
+(empty -> end-of-text token, longer than the context -> first tokens kept).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from gpt2lab.classifier import Classifier, InvalidTextError
+from gpt2lab.tokenizer import _ranks_path
+
+log = logging.getLogger(__name__)
+
+MODEL_CODE = Path(__file__).with_name("serving_model.py")
+PACKAGE_DIR = Path(__file__).parent
+INPUT_COLUMN = "text"
+INPUT_EXAMPLE = ["You won $1000! Claim now.", "see you at lunch?"]
+# What `import gpt2lab.classifier` needs at serving time (mlflow itself serves the model).
+REQUIREMENTS = ("torch", "numpy", "pandas", "safetensors", "tiktoken", "PyYAML", "requests", "tqdm", "mlflow")
+
+
+class SpamPyfunc:
+    """The pyfunc wrapper: ``load_context`` loads :class:`Classifier`, ``predict`` scores a ``text`` column.
+
+    It subclasses ``mlflow.pyfunc.PythonModel`` only in ``serving_model.py``, so importing this
+    module does not import mlflow.
+    """
+
+    def load_context(self, context: Any) -> None:
+        config = context.model_config or {}
+        tokenizer = context.artifacts.get("tokenizer")
+        if tokenizer:
+            _seed_tokenizer_cache(Path(tokenizer))
+        self.classifier = Classifier.load(
+            context.artifacts["classifier"],
+            context.artifacts["base"],
+            batch_size=int(config.get("batch_size", 32)),
+            precision=str(config.get("precision", "fp32")),
+            threshold=float(config.get("threshold", 0.5)),
+        )
+
+    # model_input has no annotation on purpose: MLflow would try to derive the signature from it.
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """A DataFrame with a ``text`` column (or a list of strings) -> DataFrame ``label, probability``."""
+        texts = _texts(model_input)
+        try:
+            results = self.classifier.classify(texts)
+        except InvalidTextError as err:
+            from mlflow.exceptions import MlflowException  # local: only a served model reaches here
+
+            raise MlflowException.invalid_parameter_value(f"{err} (column {INPUT_COLUMN!r} must hold strings)") from err
+        return pd.DataFrame(results, columns=["label", "probability"])
+
+
+def _texts(model_input: Any) -> list[Any]:
+    if isinstance(model_input, pd.DataFrame):
+        if INPUT_COLUMN not in model_input.columns:
+            from mlflow.exceptions import MlflowException
+
+            raise MlflowException.invalid_parameter_value(
+                f"input has columns {list(model_input.columns)}; expected a column {INPUT_COLUMN!r} of messages"
+            )
+        return model_input[INPUT_COLUMN].tolist()
+    if isinstance(model_input, pd.Series):
+        return model_input.tolist()
+    if isinstance(model_input, dict) and INPUT_COLUMN in model_input:
+        return list(model_input[INPUT_COLUMN])
+    return model_input  # a list of strings; Classifier checks it
+
+
+def _seed_tokenizer_cache(ranks: Path) -> None:
+    """Put the shipped BPE ranks where :mod:`gpt2lab.tokenizer` looks first, if nothing is there yet."""
+    from gpt2lab.download import write_atomic
+
+    target = _ranks_path()
+    if not target.is_file() and ranks.is_file():
+        write_atomic(target, ranks.read_bytes())  # the tokenizer verifies its sha256 on load
+
+
+def signature() -> Any:
+    """Input ``text`` (string) -> outputs ``label`` (string) and ``probability`` (double)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability")]),
+    )
+
+
+def pip_requirements() -> list[str]:
+    """The serving dependencies, pinned to the versions installed here (``2.13.0+cpu`` -> ``2.13.0``)."""
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]
+
+
+def _copy_package(dest: Path) -> Path:
+    """The gpt2lab sources (``*.py`` only, no caches) under ``dest/gpt2lab``, for ``code_paths``."""
+    target = dest / "gpt2lab"
+    target.mkdir(parents=True)
+    for file in PACKAGE_DIR.glob("*.py"):
+        shutil.copy2(file, target / file.name)
+    return target
+
+
+def log_model(
+    classifier_dir: str | Path,
+    base_dir: str | Path | None = None,
+    name: str = "model",
+    *,
+    precision: str = "fp32",
+    batch_size: int = 32,
+    threshold: float = 0.5,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> Any:
+    """Log the classifier as an MLflow pyfunc model; returns MLflow's ``ModelInfo``.
+
+    Call it inside an active run (``mlflow.start_run()``), or pass ``run_id`` (and
+    ``tracking_uri`` when the run is not in the default store) to log into that run.
+    ``runs:/<run id>/<name>`` then loads or serves it.
+
+    Args:
+        classifier_dir: the trained classifier folder (``models/classifier``).
+        base_dir: its base checkpoint; default: the path recorded at training time.
+        precision, batch_size, threshold: how the served model classifies (its model config).
+    """
+    import mlflow
+
+    from gpt2lab.classifier import read_classifier_meta
+
+    classifier_dir = Path(classifier_dir).resolve()
+    if base_dir is None:
+        base_dir = read_classifier_meta(classifier_dir)["base"]["path"]
+    base_dir = Path(base_dir).resolve()
+    # Fail here, with gpt2lab's message, rather than inside MLflow's input-example check.
+    Classifier.load(classifier_dir, base_dir, batch_size=batch_size, precision=precision, threshold=threshold)
+    artifacts = {"classifier": str(classifier_dir), "base": str(base_dir)}
+    if _ranks_path().is_file():
+        artifacts["tokenizer"] = str(_ranks_path())
+    config = {"precision": precision, "batch_size": batch_size, "threshold": threshold}
+    previous_uri = mlflow.get_tracking_uri() if tracking_uri else None
+    with tempfile.TemporaryDirectory() as tmp:
+        code = _copy_package(Path(tmp))
+        kwargs = dict(
+            name=name,
+            python_model=str(MODEL_CODE),
+            artifacts=artifacts,
+            code_paths=[str(code)],
+            model_config=config,
+            signature=signature(),
+            input_example=pd.DataFrame({INPUT_COLUMN: INPUT_EXAMPLE}),
+            pip_requirements=pip_requirements(),
+        )
+        try:
+            if tracking_uri:
+                mlflow.set_tracking_uri(tracking_uri)
+            if run_id is not None and (mlflow.active_run() is None or mlflow.active_run().info.run_id != run_id):
+                with mlflow.start_run(run_id=run_id):
+                    info = mlflow.pyfunc.log_model(**kwargs)
+            else:
+                info = mlflow.pyfunc.log_model(**kwargs)
+        finally:
+            if previous_uri is not None:
+                mlflow.set_tracking_uri(previous_uri)
+    log.info("logged the classifier as MLflow model %s", info.model_uri)
+    return info

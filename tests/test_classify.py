@@ -1,0 +1,147 @@
+"""gpt2lab.Classifier: batched, order-keeping inference with defined behaviour on awkward input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gpt2lab
+from gpt2lab.classifier import Classifier, ClassifierError, InvalidTextError, classify_review
+from gpt2lab.errors import Gpt2labError
+from gpt2lab.tokenizer import EOT_TOKEN, decode, encode
+from tests.classify_helpers import MESSAGES, make_classifier
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    return make_classifier(tmp_path_factory.mktemp("clf"))
+
+
+@pytest.fixture(scope="module")
+def clf(saved) -> Classifier:
+    return Classifier.load(saved[0], saved[1])
+
+
+@torch.no_grad()
+def one_by_one(clf: Classifier, ids: list[int]) -> float:
+    """The spam probability of one token sequence straight from the model: no batching, no padding."""
+    logits = clf.model(torch.tensor([ids]), torch.tensor([len(ids)]))
+    return float(torch.softmax(logits, -1)[0, 1])
+
+
+def test_exported_from_the_package():
+    assert gpt2lab.Classifier is Classifier and gpt2lab.classify_review is classify_review
+
+
+def test_probabilities_match_the_model_one_message_at_a_time(clf):
+    probs = clf.predict_proba(MESSAGES)
+    assert probs.shape == (len(MESSAGES),) and probs.dtype == np.float64
+    expected = [one_by_one(clf, (encode(t) or [EOT_TOKEN])[: clf.max_length]) for t in MESSAGES]
+    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
+    assert 0 < probs.min() and probs.max() < 1
+
+
+def test_labels_follow_the_threshold_and_both_occur(clf, saved):
+    probs = clf.predict_proba(MESSAGES)
+    labels = clf.predict(MESSAGES)
+    assert labels == ["spam" if p >= 0.5 else "ham" for p in probs]
+    assert set(labels) == {"spam", "ham"}, "the fixture should produce both labels"
+    strict = Classifier.load(saved[0], saved[1], threshold=float(np.sort(probs)[-1]))
+    assert strict.predict(MESSAGES).count("spam") == 1
+    assert clf.classify(MESSAGES) == [{"label": lab, "probability": float(p)} for lab, p in zip(labels, probs)]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 64])
+def test_batching_and_order_do_not_change_answers(saved, clf, batch_size):
+    reference = clf.predict_proba(MESSAGES)
+    other = Classifier.load(saved[0], saved[1], batch_size=batch_size)
+    np.testing.assert_allclose(other.predict_proba(MESSAGES), reference, rtol=1e-5, atol=1e-6)
+    perm = np.random.default_rng(batch_size).permutation(len(MESSAGES))
+    shuffled = other.predict_proba([MESSAGES[i] for i in perm])
+    np.testing.assert_allclose(shuffled, reference[perm], rtol=1e-5, atol=1e-6)
+
+
+def test_empty_message_reads_as_end_of_text(clf):
+    assert clf.predict_proba([""])[0] == pytest.approx(one_by_one(clf, [EOT_TOKEN]), rel=1e-6)
+    assert clf.predict_proba([""])[0] == pytest.approx(clf.predict_proba(["<|endoftext|>"])[0], rel=1e-6)
+
+
+def test_message_longer_than_the_context_keeps_its_first_tokens(clf):
+    n = clf.max_length
+    long_text = " ".join(f"word{i}" for i in range(400))
+    ids = encode(long_text)
+    assert len(ids) > 3 * n
+    head = decode(ids[:n])
+    assert encode(head) == ids[:n]  # the prefix is a text of its own that encodes to the same tokens
+    p_long, p_head = clf.predict_proba([long_text, head])
+    assert p_long == pytest.approx(p_head, rel=1e-6)
+    assert p_long == pytest.approx(one_by_one(clf, ids[:n]), rel=1e-5)
+
+
+def test_emoji_and_other_scripts(clf):
+    texts = ["😀😂🎉", "Привет", "你好", "مرحبا", "é", "\x00", "\ud800 lone surrogate"]
+    probs = clf.predict_proba(texts)
+    assert np.isfinite(probs).all()
+    assert probs[0] == pytest.approx(one_by_one(clf, encode("😀😂🎉")), rel=1e-5)
+    # A lone surrogate cannot be UTF-8: it is read as U+FFFD, the replacement character.
+    assert probs[-1] == pytest.approx(clf.predict_proba(["\ufffd lone surrogate"])[0], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        ("one message", r"wrap it: \[text\]"),
+        (b"bytes", "got a single bytes"),
+        (["fine", None], "message 1 is NoneType"),
+        ([3.5], "message 0 is float"),
+        ([b"bytes"], "message 0 is bytes"),
+        (42, "got int"),
+    ],
+)
+def test_non_strings_are_refused_with_the_position(clf, bad, says):
+    with pytest.raises(InvalidTextError, match=says) as info:
+        clf.predict(bad)
+    assert isinstance(info.value, Gpt2labError) and isinstance(info.value, TypeError)
+    with pytest.raises(InvalidTextError):
+        clf.predict_proba(bad)
+
+
+def test_no_messages_no_answers(clf):
+    assert clf.predict_proba([]).shape == (0,)
+    assert clf.predict([]) == [] and clf.classify(()) == []
+
+
+def test_bf16_is_close_to_fp32(saved, clf):
+    fast = Classifier.load(saved[0], saved[1], precision="bf16")
+    assert fast.model.body.h[0].attn.c_attn.weight.dtype == torch.bfloat16
+    probs = fast.predict_proba(MESSAGES)
+    np.testing.assert_allclose(probs, clf.predict_proba(MESSAGES), atol=0.03)
+    alone = [fast.predict_proba([t])[0] for t in MESSAGES]  # one message per batch, as classify_review
+    labels = ["spam" if p >= 0.5 else "not spam" for p in alone]
+    assert [classify_review(t, fast.model) for t in MESSAGES] == labels  # a bf16 model runs in bf16
+
+
+def test_bad_settings_and_missing_folder(saved, tmp_path):
+    with pytest.raises(ClassifierError, match="precision"):
+        Classifier.load(saved[0], saved[1], precision="fp16")
+    with pytest.raises(ClassifierError, match="threshold"):
+        Classifier.load(saved[0], saved[1], threshold=1.5)
+    with pytest.raises(ClassifierError, match="no classifier.json"):
+        Classifier.load(tmp_path / "nothing")
+
+
+def test_classify_review_is_the_recipes_call(clf):
+    for text, label in zip(MESSAGES, clf.predict(MESSAGES)):
+        expected = "spam" if label == "spam" else "not spam"
+        assert classify_review(text, clf, tokenizer=None, device="cpu", max_length=None, pad_token_id=EOT_TOKEN) == expected
+        assert classify_review(text, clf.model) == expected  # a bare SpamClassifier works too
+
+
+def test_classify_review_truncates_to_max_length(clf):
+    ids = encode(MESSAGES[3])
+    expected = ["spam" if one_by_one(clf, ids[:k]) >= 0.5 else "not spam" for k in range(1, len(ids) + 1)]
+    assert len(set(expected)) == 2, "the cut should change the answer somewhere, or this test proves nothing"
+    got = [classify_review(MESSAGES[3], clf, max_length=k) for k in range(1, len(ids) + 1)]
+    assert got == expected
+    assert clf.max_length == clf.model.max_length == 64  # the shared model is untouched

@@ -1,0 +1,304 @@
+"""Sampling on hand-made logits; cached decoding equals full recomputation; the stage and CLI run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2lab.cli import main as cli_main
+from gpt2lab.config import GenerateParams
+from gpt2lab.generate import GenerationError, generate, generate_samples, sample, sampling_probs, stream, stream_text
+from gpt2lab.model import GPT2, GPT2Config
+from gpt2lab.tokenizer import decode
+from gpt2lab.weights import random_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 128
+LIVELY = GPT2Config(vocab_size=VOCAB, n_ctx=64, n_embd=32, n_layer=2, n_head=4)
+SHORT = GPT2Config(vocab_size=VOCAB, n_ctx=16, n_embd=32, n_layer=2, n_head=4)
+
+
+def _lively(cfg: GPT2Config, seed: int = 0) -> GPT2:
+    """A random model whose greedy output depends on context and position.
+
+    With GPT-2's own init a tiny model repeats one token forever, which would hide a wrong
+    position or a wrong cache entry; small token embeddings and strong blocks avoid that.
+    """
+    torch.manual_seed(seed)
+    model = GPT2(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                std = {"wte.weight": 0.3, "wpe.weight": 1.0}.get(name, 3 * p.shape[1] ** -0.5)
+                p.normal_(0.0, std, generator=g)
+    return model
+
+
+@pytest.fixture
+def lm() -> GPT2:
+    return _lively(LIVELY)
+
+
+def _logits(*probs: float) -> torch.Tensor:
+    return torch.tensor([probs]).log()  # (1, V)
+
+
+def _prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.no_grad()
+def _greedy_reference(model: GPT2, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding by recomputing the whole context every step, with the documented cut rule."""
+    n_ctx, window = model.config.n_ctx, model.config.n_ctx // 2
+    ctx, out = list(prompt), []
+    for _ in range(n):
+        if len(ctx) > n_ctx:
+            ctx = ctx[-window:]
+        tok = int(model(torch.tensor([ctx]))[0, -1].argmax())
+        out.append(tok)
+        ctx.append(tok)
+    return out
+
+
+# --- sample() on hand-made logits -------------------------------------------------------------
+def test_temperature_zero_is_argmax_and_lowest_id_wins_a_tie():
+    logits = torch.tensor([[0.0, 3.0, 3.0, 1.0], [5.0, 0.0, 0.0, 0.0]])
+    assert sample(logits, temperature=0).tolist() == [1, 0]
+
+
+def test_top_k_1_equals_greedy_for_any_temperature():
+    logits = torch.randn(8, 100, generator=torch.Generator().manual_seed(0))
+    for temperature in (0.5, 1.0, 5.0):
+        assert torch.equal(sample(logits, temperature, top_k=1), logits.argmax(-1))
+
+
+@pytest.mark.parametrize(
+    "top_p,expected",
+    [
+        (1.0, [0.5, 0.25, 0.15, 0.1]),
+        (0.74, [0.5 / 0.75, 0.25 / 0.75, 0.0, 0.0]),
+        (0.76, [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0.0]),
+        (0.45, [1.0, 0.0, 0.0, 0.0]),
+        (0.01, [1.0, 0.0, 0.0, 0.0]),  # the most likely token always stays
+    ],
+)
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
+    probs = sampling_probs(_logits(0.5, 0.25, 0.15, 0.1), top_p=top_p)
+    assert torch.allclose(probs, torch.tensor([expected]), atol=1e-6)
+
+
+def test_top_p_works_on_unsorted_logits_per_row():
+    logits = torch.cat([_logits(0.125, 0.25, 0.5, 0.125), _logits(0.8, 0.1, 0.06, 0.04)])
+    probs = sampling_probs(logits, top_p=0.7)
+    assert torch.allclose(probs, torch.tensor([[0.0, 1 / 3, 2 / 3, 0.0], [1.0, 0.0, 0.0, 0.0]]), atol=1e-6)
+
+
+def test_top_k_keeps_the_k_best_and_ties_at_the_kth():
+    probs = sampling_probs(_logits(0.4, 0.1, 0.2, 0.2, 0.1), top_k=2)
+    assert torch.allclose(probs, torch.tensor([[0.5, 0.0, 0.25, 0.25, 0.0]]), atol=1e-6)
+
+
+def test_temperature_scales_the_logits():
+    probs = sampling_probs(torch.tensor([[0.0, math.log(4.0)]]), temperature=2.0)
+    assert torch.allclose(probs, torch.tensor([[1 / 3, 2 / 3]]), atol=1e-6)
+
+
+def test_sample_draws_only_from_the_kept_set_with_its_frequencies():
+    logits = _logits(0.5, 0.25, 0.125, 0.125).expand(4000, 4)
+    tokens = sample(logits, temperature=1.0, top_p=0.7, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=4).tolist()
+    assert counts[2] == counts[3] == 0
+    assert abs(counts[0] / 4000 - 2 / 3) < 0.03
+
+
+def test_same_generator_seed_same_draws():
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(1))
+    a = sample(logits, 1.5, top_k=50, generator=torch.Generator().manual_seed(7))
+    b = sample(logits, 1.5, top_k=50, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+    ],
+)
+def test_bad_sampling_arguments_are_refused(kwargs, message):
+    with pytest.raises(GenerationError, match=message):
+        sample(torch.zeros(1, 4), **kwargs)
+
+
+# --- cached decoding ----------------------------------------------------------------------------
+@pytest.mark.parametrize("length", [1, 5, 17, 40])
+def test_cached_greedy_equals_uncached(lm, length):
+    prompt = _prompt(length, seed=length)
+    assert generate(lm, [prompt], 12) == [_greedy_reference(lm, prompt, 12)]
+
+
+def test_padded_batch_equals_each_prompt_alone(lm):
+    prompts = [_prompt(n, seed=n) for n in (3, 11, 1, 7)]
+    batch = generate(lm, prompts, 10)
+    assert batch == [_greedy_reference(lm, p, 10) for p in prompts]
+
+
+def test_tensor_prompts_are_accepted(lm):
+    idx = torch.tensor([_prompt(6, 1), _prompt(6, 2)])
+    assert generate(lm, idx, 5) == generate(lm, idx.tolist(), 5)
+
+
+def test_top_k_1_sampling_equals_greedy_decoding(lm):
+    prompt = _prompt(5, 3)
+    sampled = generate(lm, [prompt], 10, temperature=1.5, top_k=1, generator=torch.Generator().manual_seed(1))
+    assert sampled == generate(lm, [prompt], 10)
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(lm):
+    def run(seed: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(seed)
+        return generate(lm, [_prompt(4, 0), _prompt(2, 1)], 15, temperature=1.5, top_k=50, generator=g)
+
+    assert run(123) == run(123)
+    assert run(123) != run(124)
+
+
+def test_eos_stops_each_row_on_its_own(lm):
+    prompts = [_prompt(4, 10), _prompt(9, 11)]
+    free = generate(lm, prompts, 12)
+    eos = free[0][3]  # an id row 0 really produces
+    stopped = generate(lm, prompts, 12, eos_id=eos)
+    for row, ref in zip(stopped, free):
+        assert row == (ref[: ref.index(eos)] if eos in ref else ref)
+    steps = list(stream(lm, prompts, 12, eos_id=eos))
+    first_stop = free[0].index(eos)
+    assert steps[first_stop][0] is None and all(step[0] is None for step in steps[first_stop:])
+    assert len(steps) == (12 if eos not in free[1] else max(first_stop, free[1].index(eos)) + 1)
+
+
+def test_past_the_context_length_keeps_the_last_half_and_goes_on(caplog):
+    model = _lively(SHORT)
+    prompt = _prompt(6, 5)
+    with caplog.at_level(logging.WARNING, logger="gpt2lab.generate"):
+        out = generate(model, [prompt], 40)
+    assert out == [_greedy_reference(model, prompt, 40)]  # three cuts at n_ctx = 16
+    assert sum("context longer" in r.getMessage() for r in caplog.records) == 1
+    long_prompt = _prompt(23, 6)
+    assert generate(model, [long_prompt], 12) == [_greedy_reference(model, long_prompt, 12)]
+
+
+def test_padded_batch_past_the_context_length(caplog):
+    model = _lively(SHORT)
+    long, short = _prompt(10, 1), _prompt(3, 2)
+    out = generate(model, [long, short], 30)
+    # The longest row is never padded, so it is cut exactly as when alone.
+    assert out[0] == _greedy_reference(model, long, 30)
+    assert len(out[1]) == 30
+
+
+def test_mode_is_restored_and_cache_freed(lm):
+    lm.train()
+    generate(lm, [[1, 2, 3]], 3)
+    assert lm.training
+    assert all(block.attn.kv_cache is None for block in lm.h)
+
+
+def test_bf16_model_generates(tiny_model):
+    prompt = _prompt(8, 0)
+    out = generate(tiny_model.to(torch.bfloat16), [prompt], 6)
+    assert len(out[0]) == 6
+
+
+@pytest.mark.parametrize(
+    "prompts,n,message",
+    [([[]], 3, "prompt 0 is empty"), ([[1], [VOCAB]], 3, f"token id {VOCAB}"), ([], 3, "no prompts"),
+     ([[1]], -1, "max_new_tokens")],
+)  # fmt: skip
+def test_bad_generate_arguments_fail_at_the_call(lm, prompts, n, message):
+    with pytest.raises(GenerationError, match=message):
+        stream(lm, prompts, n)
+
+
+def test_zero_new_tokens(lm):
+    assert generate(lm, [[1, 2]], 0) == [[]]
+
+
+# --- text, stage and CLI --------------------------------------------------------------------------
+def test_stream_text_joins_to_the_decoded_tokens(tiny_model):
+    from gpt2lab.tokenizer import encode
+
+    pieces = list(stream_text(tiny_model, "Every effort moves you", 20, temperature=0))
+    assert len(pieces) > 1
+    assert "".join(pieces) == decode(generate(tiny_model, [encode("Every effort moves you")], 20)[0])
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tiny_cfg) -> Path:
+    return random_checkpoint(tiny_cfg, seed=0, out_dir=tmp_path / "models" / "base")
+
+
+def test_generate_samples_is_seeded_and_complete(tiny_checkpoint, caplog):
+    params = GenerateParams(prompts=("Every effort moves you", "Hello"), max_new_tokens=8, seed=5)
+    with caplog.at_level(logging.WARNING):
+        first = generate_samples(tiny_checkpoint, params)
+    assert any("random weights" in r.getMessage() for r in caplog.records)
+    assert first["pretrained"] is False and first["new_tokens"] == 16 and first["tokens_per_s"] > 0
+    assert [s["prompt"] for s in first["samples"]] == list(params.prompts)
+    assert all(s["new_tokens"] == 8 and s["finish_reason"] == "length" for s in first["samples"])
+    again = generate_samples(tiny_checkpoint, GenerateParams(prompts=("Hello",), max_new_tokens=8, seed=5))
+    assert again["samples"][0]["completion"] == first["samples"][1]["completion"]  # other prompts don't matter
+
+
+def test_stage_writes_metrics(tiny_checkpoint, tmp_path):
+    params = {"generate": {"prompts": ["Every effort moves you"], "max_new_tokens": 5, "precision": "bf16"}}
+    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    run = subprocess.run([sys.executable, str(ROOT / "stages" / "generate.py")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    metrics = json.loads((tmp_path / "metrics" / "generate.json").read_text())
+    assert metrics["precision"] == "bf16" and metrics["samples"][0]["new_tokens"] == 5
+
+
+def test_cli_streams_the_prompt_and_continuation(tiny_checkpoint, capsys):
+    code = cli_main(["generate", "Every effort moves you", "--model", str(tiny_checkpoint),
+                     "--max-new-tokens", "6", "--temperature", "0"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("Every effort moves you") and len(out) > len("Every effort moves you")
+
+
+def test_cli_reports_a_bad_argument_in_one_line(tiny_checkpoint, capsys):
+    code = cli_main(["generate", "hi", "--model", str(tiny_checkpoint), "--top-p", "2"])
+    err = capsys.readouterr().err
+    assert code == 1 and "top_p" in err and "Traceback" not in err
+
+
+def test_single_bf16_row_projection_equals_linear():
+    from gpt2lab.model import project
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96).to(torch.bfloat16)
+    calls = []
+    layer.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        fast = project(layer, x)
+    assert not calls  # the addmv path, not the module's forward
+    ref = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+    assert fast.shape == (1, 1, 96) and torch.allclose(fast.float(), ref, atol=0.05, rtol=0.02)
+    with torch.inference_mode():
+        project(layer, torch.randn(2, 1, 64, dtype=torch.bfloat16))  # two rows: the module's forward
+    assert calls == [1]

@@ -1,0 +1,412 @@
+"""The DVC pipeline: dvc.yaml/dvc.lock/params checks (fast), and end to end in a temporary clone
+with real DVC and MLflow (slow): smoke run, no-op repro, a param experiment, queued experiments,
+and the run read back through MLflow's REST API."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gpt2lab import pipeline
+from gpt2lab.config import ParamsError
+from gpt2lab.tracking import Pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "src" / "gpt2lab"
+STAGES = ("download_data", "prepare_data", "fetch_weights", "train", "evaluate", "generate")
+DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+# --------------------------------------------------------------------------- static checks
+
+
+def _module_file(module: str) -> Path:
+    return PKG / "__init__.py" if module == "gpt2lab" else PKG / f"{module.split('.', 1)[1].replace('.', '/')}.py"
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """gpt2lab modules imported when ``path`` is imported (not inside functions or classes)."""
+    found: set[str] = set()
+    stack = list(ast.parse(path.read_text()).body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "gpt2lab"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "gpt2lab":
+            found.add(node.module)
+            if node.module == "gpt2lab":  # `from gpt2lab import tracking`
+                found |= {f"gpt2lab.{a.name}" for a in node.names if _module_file(f"gpt2lab.{a.name}").exists()}
+        else:
+            stack.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def import_closure(script: Path) -> set[str]:
+    """Repository paths of the gpt2lab modules that importing ``script`` loads (packages included)."""
+    seen: set[str] = set()
+    todo = list(_top_level_imports(script))
+    while todo:
+        parts = todo.pop().split(".")
+        for i in range(1, len(parts) + 1):
+            module = ".".join(parts[:i])
+            if module not in seen:
+                seen.add(module)
+                todo.extend(_top_level_imports(_module_file(module)))
+    return {_module_file(m).relative_to(ROOT).as_posix() for m in seen}
+
+
+def _loaded_sections(script: Path) -> set[str]:
+    """The ``sections=[...]`` the script passes to ``load_params``."""
+    for node in ast.walk(ast.parse(script.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "load_params":
+            for kw in node.keywords:
+                if kw.arg == "sections":
+                    return set(ast.literal_eval(kw.value))
+    raise AssertionError(f"{script} does not call load_params(sections=[...])")
+
+
+def test_stages_are_the_six_thin_scripts() -> None:
+    assert set(DVC_YAML["stages"]) == set(STAGES)
+    for name, stage in DVC_YAML["stages"].items():
+        assert stage["cmd"] == f"python stages/{name}.py"
+        assert f"stages/{name}.py" in stage["deps"]
+        assert len((ROOT / f"stages/{name}.py").read_text().splitlines()) < 40
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_deps_list_the_library_code_the_stage_imports(name: str) -> None:
+    """Module-level imports, followed through the package; the slow test adds what runs lazily."""
+    deps = set(DVC_YAML["stages"][name]["deps"])
+    missing = import_closure(ROOT / f"stages/{name}.py") - deps
+    assert not missing, f"dvc.yaml stage {name} lacks deps {sorted(missing)}"
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_params_deps_are_the_sections_the_stage_validates(name: str) -> None:
+    script = ROOT / f"stages/{name}.py"
+    declared = set(DVC_YAML["stages"][name]["params"])
+    assert declared - {"seed"} == _loaded_sections(script) - {"tracking"}
+    assert ("seed" in declared) == ("params.seed" in script.read_text())
+
+
+def test_metrics_and_plots_are_uncached_stage_outputs() -> None:
+    uncached = {
+        path
+        for stage in DVC_YAML["stages"].values()
+        for out in stage["outs"]
+        if isinstance(out, dict)
+        for path, opts in out.items()
+        if opts.get("cache") is False
+    }
+    pipe = Pipeline.load(ROOT)
+    for path in (*pipe.metrics, *pipe.plots):
+        assert any(path == out or path.startswith(out + "/") for out in uncached), path
+    assert set(pipe.metrics) == {f"metrics/{n}.json" for n in ("data", "train", "eval", "generate")}
+
+
+def test_lock_matches_the_committed_params() -> None:
+    """dvc.lock records only runs made with params.yaml as it is (never a smoke or experiment lock)."""
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    assert {"download_data", "prepare_data"} <= set(lock)
+    for name, entry in lock.items():
+        assert entry["cmd"] == DVC_YAML["stages"][name]["cmd"]
+        recorded = entry.get("params", {}).get("params.yaml", {})
+        assert set(recorded) == set(DVC_YAML["stages"][name]["params"]), name
+        for key, value in recorded.items():
+            assert value == PARAMS[key], f"dvc.lock's {name} ran with other {key} params"
+
+
+def test_override_values_in_dvc_set_param_syntax() -> None:
+    assert pipeline.override_value("random") == "random"
+    assert pipeline.override_value(2) == "2" and pipeline.override_value(None) == "null"
+    assert pipeline.override_value(True) == "true" and pipeline.override_value(1e-4) == "0.0001"
+    assert pipeline.override_value("null") == "'null'"  # the string, not None
+    assert pipeline.override_value("it's a=b") == "'it\\'s a=b'"
+    assert pipeline.override_value(["attn.c_attn", "mlp.c_fc"]) == "[attn.c_attn,mlp.c_fc]"
+
+
+def test_smoke_profile_is_valid_and_runs_in_a_temporary_copy() -> None:
+    cmd = pipeline.smoke_command(ROOT, ["-n", "x"])
+    assert cmd[1:6] == ["-m", "dvc", "exp", "run", "--temp"] and cmd[-2:] == ["-n", "x"]
+    overrides = pipeline.load_overrides(ROOT / pipeline.SMOKE_FILE, ROOT / "params.yaml")
+    assert overrides["weights.source"] == "random" and overrides["train.epochs"] == 1
+    assert "-S" in cmd and "weights.source=random" in cmd
+    # The data stages keep the committed params, so the smoke run shares their lock and cache.
+    assert not [k for k in overrides if k.split(".")[0] in ("data", "seed")]
+
+
+def test_smoke_profile_rejects_a_bad_key(tmp_path: Path) -> None:
+    (tmp_path / "smoke.yaml").write_text("lora:\n  rnak: 4\n")
+    with pytest.raises(ParamsError, match=r"smoke\.yaml: lora\.rnak: unknown key"):
+        pipeline.load_overrides(tmp_path / "smoke.yaml", ROOT / "params.yaml")
+
+
+# --------------------------------------------------------------------------- end to end
+
+# Records, per DVC stage, which gpt2lab files the stage process really imported.
+IMPORT_HOOK = """\
+import atexit, json, os, sys
+if os.environ.get("GPT2LAB_IMPORT_LOG") and os.environ.get("DVC_STAGE"):
+    def _dump():
+        files = sorted({getattr(m, "__file__", None) or "" for n, m in list(sys.modules.items())
+                        if n == "gpt2lab" or n.startswith("gpt2lab.")} - {""})
+        path = os.path.join(os.environ["GPT2LAB_IMPORT_LOG"], os.environ["DVC_STAGE"] + ".json")
+        with open(path, "w") as f:
+            json.dump(files, f)
+    atexit.register(_dump)
+"""
+QUEUE_TIMEOUT_S = 900
+
+
+def _clone(dest: Path) -> None:
+    """The working tree as it is (tracked and untracked, not ignored files) as a fresh one-commit repo."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    for rel in filter(None, files):
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    for args in (["init", "-q"], ["config", "user.name", "gpt2lab test"], ["config", "user.email", "test@gpt2lab"],
+                 ["add", "-A"], ["commit", "-qm", "clone"]):  # fmt: skip
+        subprocess.run(["git", *args], cwd=dest, check=True)
+
+
+class Repo:
+    """A temporary clone with an environment that runs its own code with this interpreter."""
+
+    def __init__(self, root: Path, hook_dir: Path, import_log: Path) -> None:
+        self.root = root
+        self.import_log = import_log
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
+        env.update(
+            PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+            PYTHONPATH=os.pathsep.join([str(root / "src"), str(hook_dir)]),  # this clone's gpt2lab
+            MLFLOW_DISABLE_TELEMETRY="true",
+            DO_NOT_TRACK="1",
+            GPT2LAB_IMPORT_LOG=str(import_log),
+        )
+        self.env = env
+        self.db = root / "mlflow.db"
+
+    def run(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+        done = subprocess.run(args, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and done.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        return done
+
+    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(sys.executable, "-m", "dvc", *args, check=check)
+
+    def runs(self) -> dict[str, object]:
+        """MLflow runs of the gpt2lab experiment by name (names are unique in this scenario)."""
+        import mlflow
+
+        client = mlflow.MlflowClient(f"sqlite:///{self.db}")
+        exp = client.get_experiment_by_name("gpt2lab")
+        return {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+
+
+def _executed(out: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", out))
+
+
+def _wait_for_queue(repo: Repo, names: tuple[str, ...]) -> dict[str, str]:
+    deadline = time.monotonic() + QUEUE_TIMEOUT_S
+    while True:
+        table = repo.dvc("queue", "status").stdout
+        status = {n: s for n, s in re.findall(r"^\w+\s+(\S+)\s+.*?\s(Queued|Running|Success|Failed)\s*$", table, re.M)}
+        if all(status.get(n) in ("Success", "Failed") for n in names) or time.monotonic() > deadline:
+            return status
+        time.sleep(5)
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The user's path, once: offline repro, smoke, no-op repro, `-S lora.rank=4`, two queued runs."""
+    base = tmp_path_factory.mktemp("pipeline")
+    (base / "hook").mkdir()
+    (base / "hook" / "sitecustomize.py").write_text(IMPORT_HOOK)
+    (base / "imports").mkdir()
+    (base / "repo").mkdir()
+    _clone(base / "repo")
+    repo = Repo(base / "repo", base / "hook", base / "imports")
+    s: dict = {"repo": repo}
+    committed = {f: (repo.root / f).read_bytes() for f in ("params.yaml", "dvc.lock")}
+
+    # Offline with the committed params: fetch_weights cannot download GPT-2.
+    s["offline"] = repo.dvc("repro", "fetch_weights", check=False)
+
+    smoke = repo.run(sys.executable, "-m", "gpt2lab.cli", "smoke", "-n", "smoke-base")
+    s["smoke"] = smoke.stdout + smoke.stderr
+    s["workspace_unchanged"] = all((repo.root / f).read_bytes() == b for f, b in committed.items())
+    s["git_status"] = repo.run("git", "status", "--porcelain").stdout
+    s["runs_after_smoke"] = set(repo.runs())
+
+    repo.dvc("exp", "apply", "smoke-base")
+    again = repo.dvc("repro")
+    s["repro_again"] = again.stdout + again.stderr
+    s["runs_after_repro"] = set(repo.runs())
+
+    rank4 = repo.dvc("exp", "run", "-S", "lora.rank=4", "-n", "rank4")
+    s["rank4"] = rank4.stdout + rank4.stderr
+
+    # The user keeps that result (commit), then queues variations of it.
+    repo.run("git", "add", "-A")
+    repo.run("git", "commit", "-qm", "smoke profile, rank 4")
+    for rank in (2, 8):
+        repo.dvc("exp", "run", "--queue", "-S", f"lora.rank={rank}", "-n", f"q-rank{rank}")
+    repo.dvc("queue", "start", "-j", "2")
+    s["queue"] = _wait_for_queue(repo, ("q-rank2", "q-rank8"))
+    s["queue_logs"] = {n: repo.dvc("queue", "logs", n, check=False).stdout for n in ("q-rank2", "q-rank8")}
+    s["runs"] = repo.runs()
+    return s
+
+
+@pytest.mark.slow
+def test_offline_repro_stops_with_one_clear_line(scenario: dict) -> None:
+    done = scenario["offline"]
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "make smoke" in errors[0] and "no internet" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_smoke_runs_the_whole_dag_offline_as_an_experiment(scenario: dict) -> None:
+    assert _executed(scenario["smoke"]) == set(STAGES), scenario["smoke"]
+    assert scenario["workspace_unchanged"] and scenario["git_status"] == ""
+    run = scenario["runs"]["smoke-base"]
+    assert run.info.status == "FINISHED"
+    assert set(run.data.tags["gpt2lab.stages"].split(",")) == set(STAGES)
+    assert run.data.tags["dvc.exp_name"] == "smoke-base" and len(run.data.tags["mlflow.source.git.commit"]) == 40
+    assert run.data.params["weights.source"] == "random" and run.data.params["model.n_layer"] == "2"
+    assert {"eval/test.accuracy", "train/val_accuracy", "data/train.rows", "generate/tokens_per_s",
+            "train_loss", "val_loss", "step/loss"} <= set(run.data.metrics)  # fmt: skip
+    assert run.outputs.model_outputs, "the trained classifier is logged as a model"
+
+
+@pytest.mark.slow
+def test_second_repro_of_the_same_params_runs_nothing(scenario: dict) -> None:
+    assert _executed(scenario["repro_again"]) == set(), scenario["repro_again"]
+    assert "Data and pipelines are up to date" in scenario["repro_again"]
+    # A no-op execution leaves no empty run behind.
+    assert scenario["runs_after_repro"] == scenario["runs_after_smoke"]
+
+
+@pytest.mark.slow
+def test_rank_change_reruns_train_and_evaluate_only(scenario: dict) -> None:
+    assert _executed(scenario["rank4"]) == {"train", "evaluate"}, scenario["rank4"]
+    run = scenario["runs"]["rank4"]
+    assert run.info.status == "FINISHED" and run.data.params["lora.rank"] == "4"
+    # The skipped stages' results are in the run too, so it compares with full runs.
+    carried = set(run.data.tags["gpt2lab.carried_over"].split(","))
+    assert carried == {"download_data", "prepare_data", "fetch_weights", "generate"}
+    assert "generate/tokens_per_s" in run.data.metrics and "eval/test.f1" in run.data.metrics
+
+
+@pytest.mark.slow
+def test_queued_experiments_land_in_one_store_as_distinct_runs(scenario: dict) -> None:
+    assert scenario["queue"] == {"q-rank2": "Success", "q-rank8": "Success"}, scenario["queue_logs"]
+    runs = scenario["runs"]
+    q2, q8 = runs["q-rank2"], runs["q-rank8"]
+    assert q2.info.run_id != q8.info.run_id
+    assert (q2.data.params["lora.rank"], q8.data.params["lora.rank"]) == ("2", "8")
+    for run in (q2, q8):
+        assert run.info.status == "FINISHED" and set(run.data.tags["gpt2lab.stages"].split(",")) == {"train", "evaluate"}
+        assert run.info.artifact_uri.startswith((scenario["repo"].root / "mlartifacts").as_uri())
+    leftovers = list((scenario["repo"].root / ".dvc").rglob("mlflow.db")) + list((scenario["repo"].root / ".dvc").rglob("mlartifacts"))
+    assert not leftovers, "a --queue/--temp run wrote a store inside its temporary copy"
+
+
+@pytest.mark.slow
+def test_deps_cover_what_each_stage_imported_at_run_time(scenario: dict) -> None:
+    repo: Repo = scenario["repo"]
+    logs = {p.stem: json.loads(p.read_text()) for p in repo.import_log.glob("*.json")}
+    assert set(logs) == set(STAGES)
+    for stage, files in logs.items():
+        used = {Path(f).resolve().relative_to((repo.root / "src").resolve().parent).as_posix() for f in files}
+        missing = used - set(DVC_YAML["stages"][stage]["deps"])
+        assert not missing, f"{stage} imported {sorted(missing)} at run time; add them to its deps in dvc.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_rest_api_shows_the_experiment_run(scenario: dict) -> None:
+    """Only MLflow's REST API, from a light server on loopback over the pipeline's store."""
+    import requests
+
+    repo: Repo = scenario["repo"]
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**repo.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--workers", "1", "--host", "127.0.0.1",
+         "--port", str(port), "--backend-store-uri", f"sqlite:///{repo.db}"],
+        cwd=repo.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
+            time.sleep(1)
+        api = f"{url}/api/2.0/mlflow"
+        exp = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "gpt2lab"}, timeout=30).json()
+        found = requests.post(f"{api}/runs/search", timeout=30, json={
+            "experiment_ids": [exp["experiment"]["experiment_id"]],
+            "filter": "tags.`dvc.exp_name` = 'rank4'",
+        }).json()["runs"]  # fmt: skip
+        assert len(found) == 1
+        run = found[0]
+        params = {p["key"]: p["value"] for p in run["data"]["params"]}
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        assert params["lora.rank"] == "4" and params["train.epochs"] == "1"
+        eval_json = json.loads((repo.root / "metrics/eval.json").read_text())  # the committed rank-4 result
+        assert metrics["eval/test.accuracy"] == pytest.approx(eval_json["test"]["accuracy"])
+        run_id = run["info"]["run_id"]
+        history = requests.get(f"{api}/metrics/get-history", params={"run_id": run_id, "metric_key": "val_loss"},
+                               timeout=30).json()["metrics"]  # fmt: skip
+        assert len(history) >= 2 and len({m["step"] for m in history}) == len(history)
+
+        def listing(path: str = "") -> set[str]:
+            reply = requests.get(f"{api}/artifacts/list", params={"run_id": run_id, "path": path}, timeout=30).json()
+            return {f["path"] for f in reply.get("files", [])}
+
+        assert {"metrics", "plots", "params.yaml"} <= listing()
+        assert {"metrics/eval.json", "metrics/generate.json", "metrics/train.json"} <= listing("metrics")
+        assert "plots/roc.png" in listing("plots")
+        samples = requests.get(f"{url}/get-artifact", params={"run_uuid": run_id, "path": "metrics/generate.json"},
+                               timeout=30).json()["samples"]  # fmt: skip
+        assert samples and samples[0]["prompt"]
+        models = requests.post(f"{api}/logged-models/search", timeout=30,
+                               json={"experiment_ids": [exp["experiment"]["experiment_id"]]}).json()  # fmt: skip
+        assert run_id in {m["info"].get("source_run_id") for m in models.get("models", [])}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)

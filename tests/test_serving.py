@@ -1,0 +1,159 @@
+"""The classifier as an MLflow pyfunc model: logged from code with safetensors weights, loaded, served."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from gpt2lab.classifier import Classifier
+from gpt2lab.data import parse_collection
+from gpt2lab.serving import log_model, pip_requirements
+from tests.classify_helpers import MESSAGES, make_classifier
+
+FIXTURE = Path(__file__).parent / "fixtures" / "sms_small.tsv"
+PING_TIMEOUT_S = 180  # the server imports torch and loads the model first; this machine may be busy
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory) -> dict:
+    """A classifier logged into a fresh SQLite store (artifacts beside it) as run <id>'s `model`."""
+    root = tmp_path_factory.mktemp("mlflow")
+    clf_dir, base = make_classifier(root / "models")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("serving-test", artifact_location=(root / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    before = mlflow.get_tracking_uri()
+    info = log_model(clf_dir, base, run_id=run_id, tracking_uri=uri)
+    assert mlflow.get_tracking_uri() == before  # the caller's store is left as it was
+    return {"root": root, "uri": uri, "run_id": run_id, "info": info, "clf": Classifier.load(clf_dir, base)}
+
+
+@pytest.fixture
+def store(logged):
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(logged["uri"])
+    yield logged
+    mlflow.set_tracking_uri(previous)
+
+
+def test_logged_as_code_with_safetensors_weights(store, tmp_path):
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{store['run_id']}/model", dst_path=str(tmp_path)))
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth", ".bin"))], "nothing pickled"
+    assert {"serving_model.py", "code/gpt2lab/serving.py", "requirements.txt", "input_example.json"} <= files
+    weights = sorted(f for f in files if f.endswith(".safetensors"))
+    assert weights == ["artifacts/base/model.safetensors", "artifacts/classifier/adapter.safetensors",
+                       "artifacts/classifier/head.safetensors"]  # fmt: skip
+    meta = mlflow.models.Model.load(str(local / "MLmodel"))
+    flavor = meta.flavors["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in flavor
+    assert meta.signature.inputs.to_dict() == [{"type": "string", "name": "text", "required": True}]
+    assert meta.signature.outputs.to_dict() == [
+        {"type": "string", "name": "label", "required": True},
+        {"type": "double", "name": "probability", "required": True},
+    ]
+    example = json.loads((local / "input_example.json").read_text())
+    assert example["columns"] == ["text"] and len(example["data"]) == 2
+    requirements = (local / "requirements.txt").read_text().split()
+    assert requirements == pip_requirements()
+    assert "torch==2.13.0" in requirements and all("==" in r and "+" not in r for r in requirements)
+
+
+def test_pyfunc_answers_equal_the_python_api(store):
+    model = mlflow.pyfunc.load_model(f"runs:/{store['run_id']}/model")
+    out = model.predict(pd.DataFrame({"text": MESSAGES}))
+    assert list(out.columns) == ["label", "probability"]
+    want = store["clf"].classify(MESSAGES)
+    assert out.label.tolist() == [w["label"] for w in want]
+    assert out.probability.tolist() == pytest.approx([w["probability"] for w in want], rel=1e-6, abs=1e-9)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="not a string"):
+        model.predict(pd.DataFrame({"text": ["fine", None]}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_invocations(logged, tmp_path):
+    import requests
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    bin_dir = os.path.dirname(sys.executable)  # the server runs `uvicorn` from the environment's bin
+    env = {**os.environ, "MLFLOW_TRACKING_URI": logged["uri"], "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{logged['run_id']}/model",
+           "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)]  # fmt: skip
+    log = open(tmp_path / "server.log", "wb")
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + PING_TIMEOUT_S
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "server did not answer /ping in time"
+            time.sleep(0.5)
+
+        def post(body: str | bytes) -> requests.Response:
+            return requests.post(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"},
+                                 timeout=120)  # fmt: skip
+
+        texts = MESSAGES + parse_collection(FIXTURE).Text.tolist()[:12]  # SMS from the collection too
+        want = logged["clf"].classify(texts)
+        for body in (
+            {"dataframe_records": [{"text": t} for t in texts]},
+            {"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}},
+            {"inputs": {"text": texts}},
+        ):
+            answer = post(json.dumps(body))
+            assert answer.status_code == 200, answer.text
+            got = answer.json()["predictions"]
+            assert [g["label"] for g in got] == [w["label"] for w in want]
+            assert [g["probability"] for g in got] == pytest.approx([w["probability"] for w in want], rel=1e-6)
+        assert post(json.dumps({"inputs": {"text": []}})).json() == {"predictions": []}
+
+        # Bad input: an answer in the 4xx range that says why, and the server keeps serving.
+        bad = [
+            b'{"dataframe_records": [{"text": "unterminated',  # malformed JSON
+            b"not json at all",
+            json.dumps([{"text": "a list, not an object"}]),
+            json.dumps({"dataframe_records": [{"text": 5}]}),  # a number
+            json.dumps({"dataframe_records": [{"text": None}]}),  # null
+            json.dumps({"dataframe_split": {"columns": ["text"], "data": [[["nested"]]]}}),
+            json.dumps({"dataframe_records": [{"message": "wrong column"}]}),
+            json.dumps({"inputs": {"text": ["lone surrogate \ud800"]}}),  # not encodable as UTF-8
+        ]
+        for body in bad:
+            answer = post(body)
+            assert 400 <= answer.status_code < 500, (body, answer.status_code, answer.text)
+            assert answer.json()["message"]
+        # MLflow casts `inputs` to the signature's type: a number there is read as its digits.
+        digits = post(json.dumps({"inputs": {"text": [5]}})).json()["predictions"]
+        assert digits[0]["probability"] == pytest.approx(logged["clf"].predict_proba(["5"])[0], rel=1e-6)
+        assert requests.get(f"{url}/ping", timeout=5).status_code == 200
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and the uvicorn worker it started
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+        log.close()
