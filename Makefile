@@ -24,6 +24,13 @@ test: setup
 repro: setup
 	$(BIN)/dvc repro
 
+# Benchmarks against the peers (transformers, peft), side by side; tables of medians and ratios.
+bench: setup
+	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/classify.py
+	$(BIN)/python bench/serve.py
+
 # The whole DAG offline as a DVC experiment (params-smoke.yaml over params.yaml, in a temporary
 # copy: the workspace's params.yaml and dvc.lock stay as they are). E.g. ARGS="-n my-smoke -S lora.rank=4".
 smoke: setup

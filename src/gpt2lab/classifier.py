@@ -183,8 +183,14 @@ def save_classifier(
         }  # fmt: skip
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+            # Move the old output aside before deleting it: a kill at any moment then leaves the
+            # old or the new folder whole (or, between the two renames, none), never half of one.
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
+            out_dir.rename(old / out_dir.name)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

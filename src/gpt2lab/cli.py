@@ -24,11 +24,18 @@ def _generate(args: argparse.Namespace) -> None:
 
     import torch
 
+    from gpt2lab.config import MAX_SEED
     from gpt2lab.generate import DTYPES, check_sampling, stream_text
     from gpt2lab.weights import load_model
 
     check_sampling(args.temperature, args.top_k or None, args.top_p)  # before the slow part: loading the model
-    if args.threads:
+    if args.max_new_tokens < 0:
+        raise Gpt2labError(f"--max-new-tokens {args.max_new_tokens}: expected an integer >= 0")
+    if not 0 <= args.seed <= MAX_SEED:  # torch would fail with a traceback past 2**64
+        raise Gpt2labError(f"--seed {args.seed}: expected an integer from 0 to {MAX_SEED}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise Gpt2labError(f"--threads {args.threads}: expected a positive number of threads")
         torch.set_num_threads(args.threads)
     model = load_model(args.model, dtype=DTYPES[args.precision])
     generator = torch.Generator().manual_seed(args.seed)

@@ -8,6 +8,7 @@ naming the key and what is allowed, before any stage does work.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -26,6 +27,10 @@ WEIGHT_SOURCES = ("openai", "hf", "local", "random")
 TRAIN_MODES = ("lora", "last_block", "full")
 PRECISIONS = ("bf16", "fp32")
 SCHEDULES = ("constant", "linear", "cosine")
+MAX_SEED = 2**32 - 1  # numpy's limit (pandas' random_state); torch takes any of these too
+SEED_RANGE = f"an integer from 0 to {MAX_SEED}"
+MAX_TIMEOUT_S = 86400.0  # a day; sockets refuse timeouts past ~292 years with a traceback
+TIMEOUT_RANGE = f"a number of seconds > 0 and <= {MAX_TIMEOUT_S:.0f}"
 
 
 class ParamsError(Gpt2labError, ValueError):
@@ -79,7 +84,7 @@ class WeightsParams:
             "a checkpoint path (required when source is 'local')",
             self.path,
         )
-        _require(self.timeout_s > 0, f"{section}.timeout_s", "a positive number of seconds", self.timeout_s)
+        _require(0 < self.timeout_s <= MAX_TIMEOUT_S, f"{section}.timeout_s", TIMEOUT_RANGE, self.timeout_s)
         _require(self.retries >= 0, f"{section}.retries", "an integer >= 0", self.retries)
 
 
@@ -118,7 +123,7 @@ class DataParams:
             "a sum below 1 (the rest is the test split)",
             round(total, 6),
         )
-        _require(self.timeout_s > 0, f"{section}.timeout_s", "a positive number of seconds", self.timeout_s)
+        _require(0 < self.timeout_s <= MAX_TIMEOUT_S, f"{section}.timeout_s", TIMEOUT_RANGE, self.timeout_s)
         _require(self.retries >= 0, f"{section}.retries", "an integer >= 0", self.retries)
 
 
@@ -228,6 +233,7 @@ class GenerateParams:
         _require(
             self.top_p is None or 0 < self.top_p <= 1, f"{section}.top_p", "0 < top_p <= 1 or null", self.top_p
         )
+        _require(0 <= self.seed <= MAX_SEED, f"{section}.seed", SEED_RANGE, self.seed)
         _require(self.precision in PRECISIONS, f"{section}.precision", " | ".join(PRECISIONS), self.precision)
 
 
@@ -291,12 +297,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(f"{key}: expected a number, got {value!r}")
+        # .inf / .nan are valid YAML; an int past float range too: no knob here means either.
+        if (isinstance(value, int) and abs(value) > 1e300) or not math.isfinite(value):
+            raise ParamsError(f"{key}: expected a finite number, got {value!r:.40}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise ParamsError(f"{key}: expected a string, got {value!r}")
         return value
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module, not user input
+
+
+def _key_text(key: Any) -> str:
+    """A YAML key as written, quoted when it would not read plainly (blank, spaces around, a line break)."""
+    plain = isinstance(key, str) and key.isprintable() and key.strip() == key and key != ""
+    return key if plain else repr(key)
 
 
 def section_from_dict(cls: type[T], data: dict[str, Any] | None, section: str) -> T:
@@ -306,9 +321,9 @@ def section_from_dict(cls: type[T], data: dict[str, Any] | None, section: str) -
         raise ParamsError(f"{section}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(set(data) - set(names), key=str)  # YAML keys may be ints, bools or null too
     if unknown:
-        raise ParamsError(f"{section}.{unknown[0]}: unknown key; allowed keys: {', '.join(names)}")
+        raise ParamsError(f"{section}.{_key_text(unknown[0])}: unknown key; allowed keys: {', '.join(names)}")
     values = {name: _coerce(data[name], hints[name], f"{section}.{name}") for name in names if name in data}
     obj = cls(**values)
     obj.validate(section)
@@ -335,11 +350,12 @@ class Params:
         if not isinstance(raw, dict):
             raise ParamsError(f"params: expected a mapping at the top level, got {type(raw).__name__}")
         allowed = ["seed", *SECTIONS]
-        unknown = sorted(set(raw) - set(allowed))
+        unknown = sorted(set(raw) - set(allowed), key=str)
         if unknown:
-            raise ParamsError(f"{unknown[0]}: unknown section; allowed: {', '.join(allowed)}")
+            raise ParamsError(f"{_key_text(unknown[0])}: unknown section; allowed: {', '.join(allowed)}")
         wanted = set(SECTIONS) if sections is None else set(sections)
         seed = _coerce(raw.get("seed", 123), int, "seed")
+        _require(0 <= seed <= MAX_SEED, "seed", SEED_RANGE, seed)
         kwargs = {
             name: section_from_dict(cls_, raw.get(name), name) for name, cls_ in SECTIONS.items() if name in wanted
         }
@@ -355,10 +371,17 @@ class Params:
 
 
 def load_params(path: str | Path = "params.yaml", sections: typing.Iterable[str] | None = None) -> Params:
-    """Read and validate ``params.yaml``; raises :class:`ParamsError` (or ``FileNotFoundError``)."""
+    """Read and validate ``params.yaml``; any problem with it raises :class:`ParamsError` (one line)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML ({err})") from err
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as err:
+        raise ParamsError(f"{path}: cannot read it ({err.strerror or err}); run from the project root") from err
+    except UnicodeDecodeError as err:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from err
+    except yaml.YAMLError as err:  # its own message spans lines: keep the place and the problem
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        why = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ParamsError(f"{where}: not valid YAML ({why})") from err
     return Params.from_dict(raw, sections)

@@ -318,7 +318,10 @@ def make_loader(
     if bucket:
         lengths = getattr(dataset, "lengths", None) or [len(dataset[i][0]) for i in range(len(dataset))]
         sampler = LengthBucketSampler(lengths, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+        # A generator of its own: without one, each new iterator draws its base seed from the
+        # global RNG, shifting the dropout stream of a run resumed mid-epoch.
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=generator)
     return DataLoader(
         dataset,
         batch_size=batch_size,

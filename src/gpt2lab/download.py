@@ -8,6 +8,7 @@ list of sources and keeps the first that verifies, reporting every failure if no
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -30,6 +31,8 @@ from gpt2lab.errors import Gpt2labError
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+# Bytes per read while streaming a download: a cut transfer loses at most this much of its .part.
+STREAM_CHUNK = 1 << 16
 PYPI_SCHEME = "pypi://"
 
 
@@ -60,17 +63,103 @@ def sha256_file(path: str | Path) -> str:
 
 
 def _session(retries: int) -> requests.Session:
+    # A refused connection or an unknown host gets one quick retry, not `retries` with back-off:
+    # the next mirror is waiting. 5xx answers and read errors get `retries`. Retry-After is not
+    # obeyed: a server asking for an hour would stall the pipeline; the next source is tried instead.
     retry = Retry(
         total=retries,
+        connect=min(retries, 1),
         backoff_factor=0.5,
         status_forcelist=(429, 500, 502, 503, 504),
         allowed_methods=("GET", "HEAD"),
         raise_on_status=False,
+        respect_retry_after_header=False,
     )
     session = requests.Session()
     session.mount("https://", HTTPAdapter(max_retries=retry))
     session.mount("http://", HTTPAdapter(max_retries=retry))
     return session
+
+
+def _resume_point(part: Path, origin: Path, url: str) -> tuple[int, str | None]:
+    """``(bytes in part, validator)`` if ``part`` may be resumed from ``url``; else drop it and return ``(0, None)``.
+
+    ``origin`` records the URL the part's bytes came from and the server's strong ETag or
+    Last-Modified: a part from another mirror, or of unknown origin, is never appended to.
+    """
+    try:
+        meta = json.loads(origin.read_text())
+    except (OSError, ValueError):
+        meta = None
+    if isinstance(meta, dict) and meta.get("url") == url and part.is_file():
+        return part.stat().st_size, meta.get("validator")
+    _discard(part, origin)
+    return 0, None
+
+
+def _discard(part: Path, origin: Path) -> None:
+    part.unlink(missing_ok=True)
+    origin.unlink(missing_ok=True)
+
+
+def _validator(resp: requests.Response) -> str | None:
+    """What ``If-Range`` may send back: a strong ETag, else Last-Modified (RFC 9110, 13.1.5)."""
+    etag = resp.headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return resp.headers.get("Last-Modified")
+
+
+def _download_once(
+    url: str, dest: Path, sha256: str | None, timeout_s: float, retries: int, progress: bool
+) -> Path | None:
+    """One attempt of :func:`http_download`; None when the resumed bytes proved unusable (start over)."""
+    part = dest.with_name(dest.name + ".part")
+    origin = dest.with_name(dest.name + ".part.json")
+    offset, validator = _resume_point(part, origin, url)
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    if offset and validator:
+        headers["If-Range"] = validator  # a changed file then comes whole (200), not as a tail to splice
+    with _session(retries) as session, session.get(url, stream=True, timeout=timeout_s, headers=headers) as resp:
+        if offset and resp.status_code == 416:  # the part is as long as the file, or longer: start again
+            _discard(part, origin)
+            return None
+        resp.raise_for_status()
+        length = resp.headers.get("Content-Length")
+        total = int(length) if length is not None else None
+        if resp.status_code == 206:
+            # Append only a tail that starts exactly where the part ends.
+            got = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", resp.headers.get("Content-Range", "").strip())
+            if not got or int(got.group(1)) != offset:
+                _discard(part, origin)
+                return None
+            total = offset + int(length) if length is not None else None
+        else:
+            offset = 0  # 200: the server sent the whole file (no range support, or it changed)
+        linked = resp.headers.get("X-Linked-Etag", "").strip('"')
+        expected = sha256 or (linked if len(linked) == 64 else None)
+        with open(part, "ab" if offset else "wb") as f, tqdm(
+            total=total, initial=offset, unit="B", unit_scale=True, desc=dest.name, disable=not progress, leave=False
+        ) as bar:
+            if not offset:  # written after "wb" emptied the part: the record never describes older bytes
+                write_atomic(origin, json.dumps({"url": url, "validator": _validator(resp)}))
+            for chunk in resp.iter_content(STREAM_CHUNK):
+                f.write(chunk)
+                bar.update(len(chunk))
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise ChecksumError(f"{url}: got {size} bytes, expected {total} (transfer cut short; re-run to resume)")
+    if expected is not None:
+        actual = sha256_file(part)
+        if actual != expected:
+            _discard(part, origin)  # never resumed from: its bytes are wrong somewhere
+            if offset:
+                log.warning("%s: resumed download does not match its sha256; downloading it whole", url)
+                return None
+            raise ChecksumError(f"{url}: sha256 {actual} does not match the expected {expected}")
+    os.replace(part, dest)
+    origin.unlink(missing_ok=True)
+    return dest
 
 
 def http_download(
@@ -82,45 +171,22 @@ def http_download(
     retries: int = 3,
     progress: bool = True,
 ) -> Path:
-    """Download ``url`` to ``dest`` atomically, resuming a previous ``.part`` file if present.
+    """Download ``url`` to ``dest`` atomically, resuming a previous ``.part`` file from the same URL.
 
     The transfer must deliver exactly the announced ``Content-Length``; ``sha256`` (when
     given) must match, as must Hugging Face's ``X-Linked-Etag`` sha256 when the server
-    sends one. On any failure the ``.part`` file is kept only if it may be resumed.
+    sends one. A cut transfer keeps ``<dest>.part`` (whole chunks of :data:`STREAM_CHUNK`) and
+    ``<dest>.part.json`` (its URL and ETag) so the next call resumes it with a ``Range`` request;
+    a part from another URL, a changed file (``If-Range``), a range answered from the wrong
+    offset or a resumed file failing its sha256 make it start from zero instead.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    offset = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
-    with _session(retries) as session:
-        resp = session.get(url, stream=True, timeout=timeout_s, headers=headers)
-        if resp.status_code == 416:  # the .part is already complete (or bogus): start again
-            part.unlink()
-            return http_download(url, dest, sha256=sha256, timeout_s=timeout_s, retries=retries, progress=progress)
-        resp.raise_for_status()
-        if offset and resp.status_code != 206:  # server ignored the range: start from zero
-            offset = 0
-        length = resp.headers.get("Content-Length")
-        total = offset + int(length) if length is not None else None
-        linked = resp.headers.get("X-Linked-Etag", "").strip('"')
-        expected = sha256 or (linked if len(linked) == 64 else None)
-        with open(part, "ab" if offset else "wb") as f, tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, desc=dest.name, disable=not progress, leave=False
-        ) as bar:
-            for chunk in resp.iter_content(CHUNK):
-                f.write(chunk)
-                bar.update(len(chunk))
-    size = part.stat().st_size
-    if total is not None and size != total:
-        raise ChecksumError(f"{url}: got {size} bytes, expected {total} (transfer cut short; re-run to resume)")
-    if expected is not None:
-        actual = sha256_file(part)
-        if actual != expected:
-            part.unlink()
-            raise ChecksumError(f"{url}: sha256 {actual} does not match the expected {expected}")
-    os.replace(part, dest)
-    return dest
+    for _ in range(2):  # a second attempt only when the resumed bytes proved unusable; it starts at byte 0
+        path = _download_once(url, dest, sha256, timeout_s, retries, progress)
+        if path is not None:
+            return path
+    raise DownloadError(f"{url}: the download could not be restarted")  # unreachable: byte 0 is never resumed
 
 
 def pypi_download(spec: str, dest: str | Path, *, sha256: str | None = None, timeout_s: float = 60.0) -> Path:

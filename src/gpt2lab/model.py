@@ -75,15 +75,15 @@ PRESETS: dict[str, GPT2Config] = {
 
 
 def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` for x (..., in); a single bf16 row on CPU at inference runs as ``addmv``.
+    """``layer(x)`` for x (..., in); a single row on CPU at inference runs as ``addmv``.
 
     That is the decoding step (batch 1, one token), which only streams the weights: there
-    oneDNN's bf16 ``linear`` reads them ~1.4x slower than ``addmv`` does. Only a plain
-    ``nn.Linear`` takes this path (a LoRA layer keeps its own forward); forward hooks on
-    the layer do not run for it.
+    ``linear`` reads bf16 weights ~1.5x slower than ``addmv`` does (fp32: a few % slower).
+    Only a plain ``nn.Linear`` takes this path (a LoRA layer keeps its own forward);
+    forward hooks on the layer do not run for it.
     """
     if (
-        x.dtype == torch.bfloat16
+        x.dtype in (torch.float32, torch.bfloat16)
         and x.numel() == x.shape[-1]
         and type(layer) is nn.Linear
         and x.device.type == "cpu"

@@ -229,11 +229,17 @@ def read_openai_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor],
             "reading OpenAI's TensorFlow checkpoint needs TensorFlow: pip install 'gpt2lab[tf]' "
             "(or use weights.source: hf)"
         ) from err
-    hparams = json.loads(hparams_file.read_text())
-    cfg = GPT2Config(
-        vocab_size=hparams["n_vocab"], n_ctx=hparams["n_ctx"], n_embd=hparams["n_embd"],
-        n_layer=hparams["n_layer"], n_head=hparams["n_head"],
-    )  # fmt: skip
+    try:
+        hparams = json.loads(hparams_file.read_text())
+        cfg = GPT2Config(
+            vocab_size=hparams["n_vocab"], n_ctx=hparams["n_ctx"], n_embd=hparams["n_embd"],
+            n_layer=hparams["n_layer"], n_head=hparams["n_head"],
+        )  # fmt: skip
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{hparams_file}: unusable ({type(err).__name__}: {err}); expected JSON with "
+            "n_vocab, n_ctx, n_embd, n_head and n_layer"
+        ) from err
     ckpt = tf.train.latest_checkpoint(str(folder)) or str(folder / "model.ckpt")
     try:
         names = [name for name, _shape in tf.train.list_variables(ckpt)]

@@ -1,0 +1,261 @@
+"""Interrupting the train stage: a real process killed mid-epoch resumes to the same result.
+
+The train stage runs as its own process (``python stages/train.py``) in a temporary folder laid
+out like the repository, once without interruption and once killed twice mid-epoch (SIGKILL,
+then SIGINT) and restarted. Between the kills nothing half-written may be visible; at the end,
+the metrics and the saved adapter and head must equal the uninterrupted run's, bit for bit.
+The instant of replacing the classifier folder is too short to hit with a signal, so a fast
+test interrupts it in-process at its worst point instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from gpt2lab.classifier import HEAD_FILE, META_FILE, build_classifier, save_classifier
+from gpt2lab.config import LoRAParams, ModelParams, WeightsParams
+from gpt2lab.data import parse_collection, split, write_split
+from gpt2lab.lora import ADAPTER_FILE, LoRAConfig
+from gpt2lab.train import CHECKPOINT_FILE
+from gpt2lab.weights import fetch_weights, random_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = Path(__file__).parent / "fixtures" / "sms_small.tsv"
+SEED = 7
+BATCH = 8
+CHECKPOINT_EVERY = 5
+PARAMS = {
+    "seed": SEED,
+    "model": {"name": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "n_ctx": 128},
+    "weights": {"source": "random"},
+    # Dropout on: a resumed run must also continue the random stream, not only the weights.
+    "lora": {"rank": 4, "alpha": 8, "dropout": 0.1},
+    "train": {"epochs": 2, "batch_size": BATCH, "lr": 1e-3, "eval_freq": 4, "eval_iter": 2, "precision": "bf16",
+              "max_length": 64, "num_threads": 1, "checkpoint_every": CHECKPOINT_EVERY, "resume": True},
+    "tracking": {"experiment": "interrupt"},
+}  # fmt: skip
+OUT = Path("models/classifier")
+CKPT = Path("models/train-checkpoint") / CHECKPOINT_FILE
+METRICS = Path("metrics/train.json")
+# Final metrics that must not depend on the interruption (timings do).
+SAME = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "steps", "examples_seen", "trainable_params")
+TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """A repository-shaped folder: the stage script, params.yaml, a tiny random base, prepared splits."""
+    root = tmp_path_factory.mktemp("repo")
+    (root / "stages").mkdir()
+    shutil.copy(REPO / "stages" / "train.py", root / "stages" / "train.py")
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")  # the stage logs the outputs it declares
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
+    fetch_weights(ModelParams(**PARAMS["model"]), WeightsParams(source="random"), SEED, root / "models" / "base")
+    # The fixture's 32 messages, 16 times: 358 training rows, 45 steps an epoch (~10 ms a step),
+    # long enough to be caught between checkpoints.
+    df = pd.concat([parse_collection(FIXTURE)] * 16, ignore_index=True)
+    for name, part in split(df, SEED, train_frac=0.7, validation_frac=0.1).items():
+        write_split(part, root / "data" / "prepared" / f"{name}.csv")
+    return root
+
+
+def _copy(template: Path, dest: Path) -> Path:
+    shutil.copytree(template, dest)
+    return dest
+
+
+def _env(root: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}  # not inside a DVC run
+    env.update(
+        MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DO_NOT_TRACK="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen]]:
+    """Processes a test starts; any still running when it ends (a failed assertion) are killed."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _start(root: Path, log_name: str, started: list[subprocess.Popen]) -> subprocess.Popen:
+    log = open(root / log_name, "wb")  # noqa: SIM115 - closed with the process, in _wait
+    proc = subprocess.Popen(
+        [sys.executable, "stages/train.py"], cwd=root, env=_env(root), stdout=log, stderr=subprocess.STDOUT
+    )
+    proc.log = log  # type: ignore[attr-defined]
+    started.append(proc)
+    return proc
+
+
+def _wait(proc: subprocess.Popen, timeout: float = TIMEOUT_S) -> int:
+    try:
+        return proc.wait(timeout)
+    finally:
+        proc.log.close()  # type: ignore[attr-defined]
+
+
+def _run(root: Path, log_name: str, started: list[subprocess.Popen]) -> str:
+    proc = _start(root, log_name, started)
+    rc = _wait(proc)
+    text = (root / log_name).read_text(errors="replace")
+    assert rc == 0, text[-3000:]
+    return text
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The step of the checkpoint at ``path`` (replaced atomically, so never read half-written)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["step"]
+    except FileNotFoundError:
+        return None
+
+
+def _kill_after_checkpoint(proc: subprocess.Popen, root: Path, sig: int, min_step: int) -> None:
+    """Send ``sig`` as soon as a checkpoint at ``min_step`` or later exists."""
+    path, seen = root / CKPT, None
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"train ended (rc {proc.returncode}) before it could be interrupted"
+        stat = path.stat() if path.exists() else None
+        key = stat and (stat.st_ino, stat.st_mtime_ns)
+        if key and key != seen:
+            seen = key
+            step = _checkpoint_step(path)
+            if step is not None and step >= min_step:
+                proc.send_signal(sig)
+                return
+        time.sleep(0.002)
+    proc.kill()
+    raise AssertionError("no checkpoint appeared in time")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _junk(root: Path, but: str = "") -> list[str]:
+    """Hidden temporary files or folders (``.name.xxx``) under the outputs' folders, except under ``but``."""
+    found = []
+    for folder in ("models", "metrics"):
+        if (root / folder).exists():
+            found += [str(p.relative_to(root)) for p in (root / folder).rglob(".*")]
+    return [f for f in found if not (but and f.startswith(but))]
+
+
+def _mlflow_runs(root: Path) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(PARAMS["tracking"]["experiment"])
+    return client.search_runs([experiment.experiment_id])
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_the_same_result(tmp_path, template, started):
+    full = _copy(template, tmp_path / "full")
+    _run(full, "train.log", started)
+    reference = json.loads((full / METRICS).read_text())
+    steps_per_epoch = reference["steps"] // PARAMS["train"]["epochs"]
+    assert steps_per_epoch > 2 * CHECKPOINT_EVERY  # room for checkpoints inside each epoch
+    assert not (full / CKPT).exists() and not _junk(full)
+
+    # A previous, complete output stands in place: an interrupted run must leave it untouched.
+    root = _copy(template, tmp_path / "interrupted")
+    shutil.copytree(full / OUT, root / OUT)
+    (root / OUT / "previous-run").write_text("replaced only by a finished run\n")
+    previous = _tree(root / OUT)
+
+    # 1. SIGKILL (no clean-up at all) right after the first checkpoint, in epoch 1.
+    proc = _start(root, "kill.log", started)
+    _kill_after_checkpoint(proc, root, signal.SIGKILL, min_step=1)
+    assert _wait(proc) == -signal.SIGKILL
+    assert _tree(root / OUT) == previous and not (root / METRICS).exists()
+    assert not _junk(root, but=str(CKPT.parent))  # a checkpoint's temp file is overwritten by the next one
+    killed_at = _checkpoint_step(root / CKPT)  # the complete last checkpoint, ready to resume
+    assert killed_at is not None and 0 < killed_at < steps_per_epoch
+
+    # 2. Restarted, it resumes there; SIGINT (Ctrl-C) it mid-way through epoch 2.
+    proc = _start(root, "int.log", started)
+    _kill_after_checkpoint(proc, root, signal.SIGINT, min_step=steps_per_epoch + 1)
+    rc = _wait(proc)
+    log = (root / "int.log").read_text(errors="replace")
+    assert rc == 130 and "interrupted" in log, log[-3000:]
+    assert f"at step {killed_at} (epoch 1)" in log, log[-3000:]
+    assert _tree(root / OUT) == previous and not (root / METRICS).exists()
+    assert not _junk(root, but=str(CKPT.parent))
+    last = _checkpoint_step(root / CKPT)
+    assert last is not None and steps_per_epoch < last < reference["steps"]
+
+    # 3. Restarted again, it finishes from the last checkpoint.
+    log = _run(root, "resume.log", started)
+    assert f"at step {last} (epoch 2)" in log, log[-3000:]
+    resumed = json.loads((root / METRICS).read_text())
+    assert {k: resumed[k] for k in SAME} == {k: reference[k] for k in SAME}
+    for name in (ADAPTER_FILE, HEAD_FILE):
+        assert _sha256(root / OUT / name) == _sha256(full / OUT / name), name
+    assert json.loads((root / OUT / META_FILE).read_text()) == json.loads((full / OUT / META_FILE).read_text())
+    assert not (root / OUT / "previous-run").exists()  # the output was replaced as a whole
+    assert (root / "metrics/train_curve.tsv").read_bytes() == (full / "metrics/train_curve.tsv").read_bytes()
+    assert not (root / CKPT).exists() and not _junk(root)
+
+    # MLflow: the interrupted execution is one run, reused by each restart, finished at the end.
+    runs = _mlflow_runs(root)
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert runs[0].data.metrics["train/val_accuracy"] == reference["val_accuracy"]
+
+
+def test_replacing_the_classifier_never_leaves_half_a_folder(tmp_path, monkeypatch, tiny_cfg):
+    base = random_checkpoint(tiny_cfg, 0, tmp_path / "base")
+    lora = LoRAConfig.from_params(LoRAParams(rank=2, alpha=4))
+    torch.manual_seed(0)
+    model = build_classifier(base, "lora", lora)
+    out = save_classifier(model, tmp_path / "clf", mode="lora", base_dir=base, lora=lora)
+    old = _tree(out)
+    with torch.no_grad():
+        model.head.weight.add_(1.0)  # the new output differs from the old one
+    real_rmtree, calls = shutil.rmtree, []
+
+    def rmtree_interrupted(path, *args, **kwargs):
+        """Ctrl-C while deleting a folder, after its first file is gone (only the first call)."""
+        calls.append(Path(path))
+        if len(calls) > 1:
+            return real_rmtree(path, *args, **kwargs)
+        next(p for p in sorted(Path(path).rglob("*")) if p.is_file()).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_classifier(model, out, mode="lora", base_dir=base, lora=lora)
+    monkeypatch.undo()
+    assert calls, "save_classifier no longer deletes the old output; this test then checks nothing"
+    now = _tree(out)
+    assert now != old and set(now) == set(old)  # the new output, whole
+    again = save_classifier(model, out, mode="lora", base_dir=base, lora=lora)  # the leftover aside is no obstacle
+    assert _tree(again) == now
