@@ -81,6 +81,8 @@ def parse_collection(path: str | Path) -> pd.DataFrame:
     its line number.
     """
     path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: no such file; run the download_data stage first (dvc repro download_data)")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")

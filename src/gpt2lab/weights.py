@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -223,6 +224,7 @@ def read_openai_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor],
     if not hparams_file.is_file():
         raise CheckpointError(f"{folder}: no hparams.json; not an OpenAI GPT-2 checkpoint folder")
     try:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ INFO lines off stderr
         import tensorflow as tf  # noqa: PLC0415 - optional, heavy dependency
     except ImportError as err:
         raise CheckpointError(
