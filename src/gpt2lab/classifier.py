@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gpt2lab.download import atomic_dir
 from gpt2lab.errors import Gpt2labError
 from gpt2lab.lora import ADAPTER_FILE, LoRAConfig, apply_lora, load_adapter, mark_trainable, merge, save_adapter
 from gpt2lab.model import GPT2
@@ -146,10 +145,7 @@ def save_classifier(
     ``full`` write the trained body tensors and the head.
     """
     base_meta = read_config(base_dir)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_dir(out_dir) as tmp:
         files = {"head": HEAD_FILE}
         if mode == "lora":
             if lora is None:
@@ -182,19 +178,7 @@ def save_classifier(
             **(extra or {}),
         }  # fmt: skip
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.exists():
-            # Move the old output aside before deleting it: a kill at any moment then leaves the
-            # old or the new folder whole (or, between the two renames, none), never half of one.
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
-            out_dir.rename(old / out_dir.name)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def read_classifier_meta(path: str | Path) -> dict[str, Any]:

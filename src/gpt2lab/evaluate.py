@@ -69,45 +69,30 @@ def confusion_table(labels: Sequence[int], probs: Sequence[float], threshold: fl
 
 def save_figures(labels: Sequence[int], probs: Sequence[float], out_dir: str | Path, threshold: float = 0.5) -> list[Path]:
     """Confusion matrix, ROC and precision-recall as PNGs (they render offline, unlike vega HTML)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from gpt2lab.plots import save_figure, subplots
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     y, p = np.asarray(labels), np.asarray(probs)
     paths = []
 
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig, ax = subplots(figsize=(4, 4))
     skm.ConfusionMatrixDisplay.from_predictions(
         y, (p >= threshold).astype(int), labels=[0, 1], display_labels=LABELS, ax=ax, colorbar=False
     )
     ax.set_title("Confusion matrix (test)")
-    paths.append(_save(fig, out_dir / "confusion_matrix.png"))
+    paths += save_figure(fig, out_dir / "confusion_matrix.png")
 
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig, ax = subplots(figsize=(4, 4))
     skm.RocCurveDisplay.from_predictions(y, p, ax=ax, name="gpt2lab")
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
     ax.set_title("ROC (test)")
-    paths.append(_save(fig, out_dir / "roc.png"))
+    paths += save_figure(fig, out_dir / "roc.png")
 
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig, ax = subplots(figsize=(4, 4))
     skm.PrecisionRecallDisplay.from_predictions(y, p, ax=ax, name="gpt2lab")
     ax.set_title("Precision-recall (test)")
-    paths.append(_save(fig, out_dir / "precision_recall.png"))
+    paths += save_figure(fig, out_dir / "precision_recall.png")
     return paths
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=100, metadata={"Software": None})  # no version stamp: same data, same bytes
-    plt.close(fig)
-    tmp.replace(path)
-    return path
 
 
 # --- the evaluate stage -------------------------------------------------------------------

@@ -401,17 +401,13 @@ def save_plots(table: pd.DataFrame, plots_dir: str | Path) -> list[Path]:
 
     Like the reference, each plot has a second x-axis with the number of examples seen.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from gpt2lab.plots import save_figure, subplots
 
     plots_dir = Path(plots_dir)
-    plots_dir.mkdir(parents=True, exist_ok=True)
     written = []
     per_step = table.examples_seen.iloc[-1] / table.step.iloc[-1] if len(table) and table.step.iloc[-1] else 0
     for column, name in (("loss", "loss"), ("acc", "accuracy")):
-        fig, ax = plt.subplots(figsize=(5, 3))
+        fig, ax = subplots(figsize=(5, 3))
         ax.plot(table.step, table[f"train_{column}"], label=f"Training {name}")
         ax.plot(table.step, table[f"val_{column}"], linestyle="-.", label=f"Validation {name}")
         ax.set_xlabel("Step")
@@ -420,14 +416,6 @@ def save_plots(table: pd.DataFrame, plots_dir: str | Path) -> list[Path]:
         if per_step:
             top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda e: e / per_step))
             top.set_xlabel("Examples seen")
-        fig.tight_layout()
-        for file, meta in ((f"{name}-plot.pdf", {"CreationDate": None, "Creator": None, "Producer": None}),
-                           (f"{name}.png", {"Software": None})):  # fmt: skip
-            # No timestamps or versions in the files: the same curve gives the same bytes.
-            path = plots_dir / file
-            tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-            fig.savefig(tmp, dpi=100, metadata=meta)
-            os.replace(tmp, path)
-            written.append(path)
-        plt.close(fig)
+        # The reference's PDF names, plus PNGs that `dvc plots show` renders offline.
+        written += save_figure(fig, plots_dir / f"{name}-plot.pdf", plots_dir / f"{name}.png")
     return written

@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt2lab.config import ModelParams, WeightsParams
-from gpt2lab.download import DownloadError, cache_dir, fetch_first, sha256_file, write_atomic
+from gpt2lab.download import DownloadError, atomic_dir, cache_dir, fetch_first, sha256_file, write_atomic
 from gpt2lab.errors import Gpt2labError
 from gpt2lab.model import GPT2, PRESETS, GPT2Config
 
@@ -276,24 +275,15 @@ def save_checkpoint(
     source: str,
     extra_files: tuple[Path, ...] = (),
 ) -> Path:
-    """Write the canonical checkpoint folder atomically (a temp folder renamed into place)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    """Write the canonical checkpoint folder atomically (see :func:`gpt2lab.download.atomic_dir`)."""
+    with atomic_dir(out_dir) as tmp:
         save_file(dict(state), str(tmp / MODEL_FILE), metadata={"format": "pt"})  # one key: Rust hash order would vary
         meta = {"model": cfg.to_dict(), "pretrained": pretrained, "source": source,
                 "sha256": sha256_file(tmp / MODEL_FILE)}  # fmt: skip
         write_atomic(tmp / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
         for f in extra_files:
             shutil.copy2(f, tmp / f.name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def convert_checkpoint(src: str | Path, out_dir: str | Path) -> Path:
