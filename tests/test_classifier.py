@@ -13,6 +13,7 @@ from gpt2lab.classifier import (
     HEAD_FILE,
     META_FILE,
     TRAINED_FILE,
+    BaseCheckpointMissingError,
     ClassifierError,
     SpamClassifier,
     build_classifier,
@@ -166,6 +167,23 @@ def test_other_base_is_refused(tmp_path, base_dir, tiny_cfg):
         load_classifier(out, other)
     with pytest.raises(ClassifierError, match="pass base_dir="):
         load_classifier(out, tmp_path / "nowhere")
+
+
+def test_missing_base_names_the_recorded_one_and_the_argument(tmp_path, base_dir):
+    model = build_classifier(base_dir, "lora", LORA)
+    out = save_classifier(model, tmp_path / "clf", mode="lora", base_dir=base_dir, lora=LORA)
+    sha = json.loads((out / META_FILE).read_text())["base"]["sha256"]
+    moved = base_dir.rename(tmp_path / "moved")
+    (tmp_path / "empty").mkdir()
+    for given, what in ((None, "no such folder"), (tmp_path / "empty", "no config.json in it")):
+        with pytest.raises(BaseCheckpointMissingError) as err:
+            load_classifier(out, given)
+        message = str(err.value)
+        assert f"base checkpoint {given or base_dir} not found ({what}" in message
+        assert "pass base_dir=DIR" in message and sha[:12] in message
+        assert (f"it was trained on {base_dir}" in message) == (given is not None)
+        assert "--base" in err.value.message("--base DIR") and "base_dir" not in err.value.message("--base DIR")
+    load_classifier(out, moved)
 
 
 def test_predict_proba_keeps_input_order(base_dir):

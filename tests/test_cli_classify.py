@@ -113,3 +113,25 @@ def test_command_defaults_to_the_pipeline_output_in_the_project_root(saved, expe
     done = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert_same(json.loads(done.stdout), expected[:2])
+
+
+def test_help_names_the_base_option_as_the_errors_do(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["classify", "--help"])
+    assert done.value.code == 0
+    assert "--base DIR" in capsys.readouterr().out  # the wording of the missing-base error below
+
+
+def test_missing_base_checkpoint_points_at_the_base_option(capsys, tmp_path):
+    """The library's message names its Python argument (base_dir=); the command's names --base DIR."""
+    clf, base = make_classifier(tmp_path)
+    moved = base.rename(tmp_path / "moved-base")
+    for extra in ([], ["--base", str(tmp_path / "absent")]):  # the recorded base gone; a wrong --base
+        code, out, err = run(capsys, "classify", "hello", "--model", str(clf), *extra)
+        assert code == 1 and out == ""
+        line = err.rstrip("\n").splitlines()[-1]
+        assert line.startswith("error: ") and "not found (no such folder" in line
+        assert "pass --base DIR" in line and "base_dir" not in line
+        assert str(base) in line  # the base it was trained on, recorded at training time
+    code, out, err = run(capsys, "classify", "hello", "--model", str(clf), "--base", str(moved))
+    assert code == 0 and out.split()[0] in ("spam", "ham"), err

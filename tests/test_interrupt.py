@@ -2,17 +2,21 @@
 
 The train stage runs as its own process (``python stages/train.py``) in a temporary folder laid
 out like the repository, once without interruption and once killed twice mid-epoch (SIGKILL,
-then SIGINT) and restarted. Between the kills nothing half-written may be visible; at the end,
-the metrics and the saved adapter and head must equal the uninterrupted run's, bit for bit.
-The instant of replacing the classifier folder is too short to hit with a signal, so a fast
-test interrupts it in-process at its worst point instead.
+then SIGINT) and once more after training, while it logs to MLflow, and restarted each time.
+Between the kills nothing half-written may be visible; the last restart must resume at the
+final step, not train again; at the end, the metrics and the saved adapter and head must equal
+the uninterrupted run's, bit for bit. The instant of replacing the classifier folder is too
+short to hit with a signal, so a fast test interrupts it in-process at its worst point instead;
+another interrupts the stage in-process while it logs its results.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -30,6 +34,7 @@ from gpt2lab.classifier import HEAD_FILE, META_FILE, build_classifier, save_clas
 from gpt2lab.config import LoRAParams, ModelParams, WeightsParams
 from gpt2lab.data import parse_collection, split, write_split
 from gpt2lab.lora import ADAPTER_FILE, LoRAConfig
+from gpt2lab.tracking import StageRun
 from gpt2lab.train import CHECKPOINT_FILE
 from gpt2lab.weights import fetch_weights, random_checkpoint
 
@@ -152,6 +157,19 @@ def _kill_after_checkpoint(proc: subprocess.Popen, root: Path, sig: int, min_ste
     raise AssertionError("no checkpoint appeared in time")
 
 
+def _kill_after_log_line(proc: subprocess.Popen, log: Path, text: str, sig: int) -> None:
+    """Send ``sig`` as soon as the process's log holds ``text``."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"train ended (rc {proc.returncode}) before it could be interrupted"
+        if text in log.read_text(errors="replace"):
+            proc.send_signal(sig)
+            return
+        time.sleep(0.002)
+    proc.kill()
+    raise AssertionError(f"{text!r} did not appear in {log.name} in time")
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -213,9 +231,18 @@ def test_killed_training_resumes_to_the_same_result(tmp_path, template, started)
     last = _checkpoint_step(root / CKPT)
     assert last is not None and steps_per_epoch < last < reference["steps"]
 
-    # 3. Restarted again, it finishes from the last checkpoint.
-    log = _run(root, "resume.log", started)
+    # 3. Restarted again, it trains from the last checkpoint; SIGKILL it once training is done, while
+    #    the stage writes its metrics and logs to MLflow: the checkpoint must still be there.
+    proc = _start(root, "logging.log", started)
+    _kill_after_log_line(proc, root / "logging.log", "gpt2lab.train: trained in", signal.SIGKILL)
+    assert _wait(proc) == -signal.SIGKILL
+    log = (root / "logging.log").read_text(errors="replace")
     assert f"at step {last} (epoch 2)" in log, log[-3000:]
+    assert _checkpoint_step(root / CKPT) == reference["steps"]  # taken at the final step
+
+    # 4. Restarted once more, it resumes after the final step (no training) and finishes.
+    log = _run(root, "resume.log", started)
+    assert f"at step {reference['steps']}: training had finished" in log, log[-3000:]
     resumed = json.loads((root / METRICS).read_text())
     assert {k: resumed[k] for k in SAME} == {k: reference[k] for k in SAME}
     for name in (ADAPTER_FILE, HEAD_FILE):
@@ -223,12 +250,40 @@ def test_killed_training_resumes_to_the_same_result(tmp_path, template, started)
     assert json.loads((root / OUT / META_FILE).read_text()) == json.loads((full / OUT / META_FILE).read_text())
     assert not (root / OUT / "previous-run").exists()  # the output was replaced as a whole
     assert (root / "metrics/train_curve.tsv").read_bytes() == (full / "metrics/train_curve.tsv").read_bytes()
-    assert not (root / CKPT).exists() and not _junk(root)
+    assert not (root / CKPT).exists() and not (root / CKPT.parent).exists() and not _junk(root)
 
     # MLflow: the interrupted execution is one run, reused by each restart, finished at the end.
     runs = _mlflow_runs(root)
     assert [r.info.status for r in runs] == ["FINISHED"]
     assert runs[0].data.metrics["train/val_accuracy"] == reference["val_accuracy"]
+
+
+def test_stage_keeps_its_checkpoint_until_mlflow_has_the_results(tmp_path, template, monkeypatch, caplog):
+    """Interrupted at its last act (logging the declared outputs), the stage resumes at the final step."""
+    root = _copy(template, tmp_path / "repo")
+    params = {**PARAMS, "train": {**PARAMS["train"], "epochs": 1}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.chdir(root)
+    for key in [k for k in os.environ if k.startswith("DVC_")]:
+        monkeypatch.delenv(key)  # not inside a DVC run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    caplog.set_level(logging.INFO, logger="gpt2lab.train")
+    stage = runpy.run_path(str(root / "stages" / "train.py"))  # not as __main__: its main() is called here
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the stage logs the metrics and plots dvc.yaml declares
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StageRun, "log_stage_outputs", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            stage["main"]()
+    steps = json.loads((root / METRICS).read_text())["steps"]  # written before the logging began
+    assert _checkpoint_step(root / CKPT) == steps
+    caplog.clear()
+    stage["main"]()
+    assert f"at step {steps}: training had finished" in caplog.text
+    assert not (root / CKPT).exists() and not (root / CKPT.parent).exists() and not _junk(root)
+    assert [r.info.status for r in _mlflow_runs(root)] == ["FINISHED"]
 
 
 def test_replacing_the_classifier_never_leaves_half_a_folder(tmp_path, monkeypatch, tiny_cfg):

@@ -291,6 +291,30 @@ def test_generate_valid_arguments_never_fail(lm, prompts, n, sampling, seed, dat
         assert row == (ref[: ref.index(eos)] if eos in ref else ref)
 
 
+@pytest.fixture(scope="module")
+def lm64(lm) -> GPT2:
+    """``lm`` in float64: one- and several-token passes then round alike, so draws can be compared exactly."""
+    model = GPT2(GEN_CFG).double().eval()
+    model.load_state_dict(lm.state_dict())
+    return model
+
+
+LOOPY_PROMPT = st.tuples(st.lists(st.integers(0, GEN_VOCAB - 1), min_size=1, max_size=8), st.integers(1, 5)).map(
+    lambda t: t[0] * t[1]
+)  # a phrase repeated: the lookup has something to guess
+
+
+@SOME
+@given(prompt=LOOPY_PROMPT, n=st.integers(1, 40), sampling=SAMPLING, seed=st.integers(0, 2**32 - 1),
+       prompt_lookup=st.integers(1, 12))  # fmt: skip
+def test_prompt_lookup_gives_what_plain_decoding_gives(lm64, prompt, n, sampling, seed, prompt_lookup):
+    def run(lookup: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(seed)
+        return generate(lm64, [prompt], n, generator=g, prompt_lookup=lookup, **sampling)
+
+    assert run(prompt_lookup) == run(0)
+
+
 INVALID = st.one_of(
     st.fixed_dictionaries({"temperature": st.one_of(st.floats(max_value=-1e-9), st.just(float("nan")))}),
     st.fixed_dictionaries({"top_k": st.integers(max_value=0)}),

@@ -6,6 +6,7 @@ import pytest
 import tiktoken
 
 from gpt2lab import tokenizer
+from gpt2lab.download import sha256_file
 
 EXPECTED = [15496, 995, 11, 790, 3626, 6100, 345]
 
@@ -41,7 +42,7 @@ def test_corrupt_cached_ranks_are_fetched_again(offline):
     offline.parent.mkdir(parents=True)
     offline.write_bytes(b"garbage")
     assert tokenizer.encode("Hello world, every effort moves you") == EXPECTED
-    assert tokenizer.sha256_file(offline) == tokenizer.RANKS_SHA256
+    assert sha256_file(offline) == tokenizer.RANKS_SHA256
 
 
 def test_every_route_failing_is_one_clear_error(offline, monkeypatch):

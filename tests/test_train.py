@@ -16,7 +16,14 @@ from safetensors.torch import load_file
 from gpt2lab.classifier import META_FILE, load_classifier, predict_proba
 from gpt2lab.config import LoRAParams, TrainParams
 from gpt2lab.lora import ADAPTER_FILE
-from gpt2lab.train import CHECKPOINT_FILE, CURVE_COLUMNS, lr_factor, train_classifier, write_outputs
+from gpt2lab.train import (
+    CHECKPOINT_FILE,
+    CURVE_COLUMNS,
+    lr_factor,
+    remove_checkpoint,
+    train_classifier,
+    write_outputs,
+)
 from gpt2lab.weights import random_checkpoint
 
 SPAM_WORDS = "WIN FREE cash prize claim URGENT txt now reply call £1000 winner offer".split()
@@ -109,7 +116,15 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, setup, checkpoint_
     lora = dataclasses.replace(LORA, dropout=0.2)  # dropout: the RNG state must be restored too
     ckpt = tmp_path / "ckpt"
     full = train_classifier(base, data, tmp_path / "full", lora, train, seed=2, checkpoint_dir=tmp_path / "c0")
-    assert not (tmp_path / "c0" / CHECKPOINT_FILE).exists()  # removed once finished
+    # Kept, taken at the final step: the caller removes it once the results are safe (logged), and
+    # a run stopped before that (killed while logging) resumes there: no step is trained again.
+    final = torch.load(tmp_path / "c0" / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    assert final["step"] == full["metrics"]["steps"] == 18
+    after = train_classifier(base, data, tmp_path / "after", lora, train, seed=2, checkpoint_dir=tmp_path / "c0",
+                             callback=lambda kind, r: pytest.fail(f"trained again: {kind} {r}"))  # fmt: skip
+    assert after["history"] == full["history"] and after["metrics"]["val_loss"] == full["metrics"]["val_loss"]
+    remove_checkpoint(tmp_path / "c0")
+    assert not (tmp_path / "c0").exists()
 
     def stop_at_14(kind, record):
         if kind == "step" and record["step"] == 14:

@@ -37,7 +37,7 @@ from gpt2lab.download import atomic_dir
 from gpt2lab.errors import Gpt2labError
 from gpt2lab.lora import ADAPTER_FILE, LoRAConfig, apply_lora, load_adapter, mark_trainable, merge, save_adapter
 from gpt2lab.model import GPT2
-from gpt2lab.weights import CheckpointError, load_model, read_config
+from gpt2lab.weights import CONFIG_FILE, CheckpointError, load_model, read_config
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,27 @@ FORMAT_VERSION = 1
 
 class ClassifierError(Gpt2labError, ValueError):
     """A classifier folder is missing, incomplete, or does not belong to the base model given."""
+
+
+class BaseCheckpointMissingError(ClassifierError):
+    """The base checkpoint a classifier is rebuilt on is not at the path given (or recorded at training).
+
+    ``str(err)`` words the fix for a Python caller (``base_dir=``); :meth:`message` words it for
+    another interface, e.g. ``err.message("--base DIR")`` for the command line.
+    """
+
+    def __init__(self, classifier: Path, base_dir: Path, recorded: str, sha256: str):
+        self.classifier, self.base_dir, self.recorded, self.sha256 = classifier, base_dir, recorded, sha256
+        super().__init__(self.message("base_dir=DIR"))
+
+    def message(self, option: str) -> str:
+        """The error message, telling the user to give the base checkpoint through ``option``."""
+        what = "no such folder" if not self.base_dir.exists() else f"no {CONFIG_FILE} in it"
+        recorded = "" if str(self.base_dir) == self.recorded else f"; it was trained on {self.recorded}"
+        return (
+            f"{self.classifier}: base checkpoint {self.base_dir} not found ({what}{recorded}); pass {option}, "
+            f"the folder of the base checkpoint it was trained on (sha256 {self.sha256[:12]}...)"
+        )
 
 
 class SpamClassifier(nn.Module):
@@ -207,8 +228,9 @@ def load_classifier(
         base_dir: the base checkpoint folder; default: the path recorded at training time.
         merged: fold LoRA adapters into the base weights (inference then costs what the base does).
 
-    Raises :class:`ClassifierError` if a file is missing or the base checkpoint's sha256
-    differs from the one the classifier was trained on.
+    Raises :class:`BaseCheckpointMissingError` if the base checkpoint is not there, and
+    :class:`ClassifierError` if a file is missing or the base checkpoint's sha256 differs from
+    the one the classifier was trained on.
     """
     path = Path(path)
     meta = read_classifier_meta(path)
@@ -216,9 +238,7 @@ def load_classifier(
     try:
         base_meta = read_config(base_dir)
     except CheckpointError as err:
-        raise ClassifierError(
-            f"{path}: base checkpoint {base_dir} not found ({err}); pass base_dir= the folder it was trained on"
-        ) from err
+        raise BaseCheckpointMissingError(path, base_dir, meta["base"]["path"], meta["base"]["sha256"]) from err
     want = meta["base"]["sha256"]
     if base_meta.get("sha256") != want:
         raise ClassifierError(

@@ -31,6 +31,8 @@ def _generate(args: argparse.Namespace) -> None:
     check_sampling(args.temperature, args.top_k or None, args.top_p)  # before the slow part: loading the model
     if args.max_new_tokens < 0:
         raise Gpt2labError(f"--max-new-tokens {args.max_new_tokens}: expected an integer >= 0")
+    if args.prompt_lookup < 0:
+        raise Gpt2labError(f"--prompt-lookup {args.prompt_lookup}: expected an integer >= 0 (0 = off)")
     if not 0 <= args.seed <= MAX_SEED:  # torch would fail with a traceback past 2**64
         raise Gpt2labError(f"--seed {args.seed}: expected an integer from 0 to {MAX_SEED}")
     if args.threads is not None:
@@ -43,7 +45,8 @@ def _generate(args: argparse.Namespace) -> None:
     t0, n = time.perf_counter(), 0
     for n, piece in enumerate(stream_text(model, args.prompt, args.max_new_tokens, stop_at_eos=not args.ignore_eos,
                                           temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                                          generator=generator), start=1):  # fmt: skip
+                                          generator=generator, prompt_lookup=args.prompt_lookup),
+                                 start=1):  # fmt: skip
         print(piece, end="", flush=True)
     print()
     logging.getLogger("gpt2lab.cli").info("%d tokens in %.2f s", n, time.perf_counter() - t0)
@@ -76,15 +79,18 @@ def _classify(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from gpt2lab.classifier import META_FILE, Classifier
+    from gpt2lab.classifier import META_FILE, BaseCheckpointMissingError, Classifier
 
     texts = list(args.messages) + (_read_messages(args.file) if args.file else [])
     if not texts:
         raise Gpt2labError("nothing to classify: give messages as arguments, or --file FILE with one per line")
     if not (Path(args.model) / META_FILE).is_file():
         raise Gpt2labError(f"no trained classifier at {args.model}; run `make repro` or `make smoke`, or pass --model")
-    clf = Classifier.load(args.model, args.base, batch_size=args.batch_size, precision=args.precision,
-                          threshold=args.threshold)  # fmt: skip
+    try:
+        clf = Classifier.load(args.model, args.base, batch_size=args.batch_size, precision=args.precision,
+                              threshold=args.threshold)  # fmt: skip
+    except BaseCheckpointMissingError as err:  # its own wording names the Python argument base_dir=
+        raise Gpt2labError(err.message("--base DIR")) from err
     results = clf.classify(texts)
     if args.json:
         print(json.dumps(results))
@@ -117,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling, 0 < p <= 1 (default: off)")
     p.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision, help="default: %(default)s")
+    p.add_argument("--prompt-lookup", type=int, default=d.prompt_lookup, metavar="N",
+                   help="guess up to N tokens per forward pass from earlier text; same output, "
+                        "faster on repetitive text (default: %(default)s = off)")  # fmt: skip
     p.add_argument("--ignore-eos", action="store_true", help="keep going after <|endoftext|>")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.set_defaults(func=_generate)
@@ -133,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="also classify each non-blank line of this UTF-8 file ('-': standard input)")
     p.add_argument("--json", action="store_true", help='print [{"label": ..., "probability": ...}, ...] in input order')
     p.add_argument("--model", default="models/classifier", help="trained classifier folder (default: %(default)s)")
-    p.add_argument("--base", default=None, help="its base checkpoint (default: the one it was trained on)")
+    p.add_argument("--base", default=None, metavar="DIR",
+                   help="its base checkpoint folder (default: the one it was trained on)")  # fmt: skip
     p.add_argument("--threshold", type=float, default=0.5, help="spam when probability >= it (default: %(default)s)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=32, help="messages per forward pass (default: %(default)s)")

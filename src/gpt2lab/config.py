@@ -224,6 +224,7 @@ class GenerateParams:
     seed: int = 123
     stop_at_eos: bool = True
     precision: str = "fp32"
+    prompt_lookup: int = 0
 
     def validate(self, section: str) -> None:
         _require(len(self.prompts) > 0, f"{section}.prompts", "a non-empty list of strings", self.prompts)
@@ -235,6 +236,7 @@ class GenerateParams:
         )
         _require(0 <= self.seed <= MAX_SEED, f"{section}.seed", SEED_RANGE, self.seed)
         _require(self.precision in PRECISIONS, f"{section}.precision", " | ".join(PRECISIONS), self.precision)
+        _require(self.prompt_lookup >= 0, f"{section}.prompt_lookup", "an integer >= 0 (0 = off)", self.prompt_lookup)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,9 @@
 Nothing half-downloaded or corrupt ever takes a final path: bytes land in ``<dest>.part``
 and are renamed into place only after every check passed. ``fetch_first`` walks an ordered
 list of sources and keeps the first that verifies, reporting every failure if none does.
+``fetch_cached`` does that for the download cache shared by processes (``dvc exp run --queue
+-j 2``): under an inter-process lock per file, so one process downloads and the others wait
+for its finished, checked file.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 import requests
+from filelock import FileLock, Timeout
 from requests.adapters import HTTPAdapter
 from tqdm.auto import tqdm
 from urllib3.util.retry import Retry
@@ -401,3 +405,53 @@ def fetch_first(
             log.warning("source %s failed: %s", source, err)
             failures.append(f"  {source}: {type(err).__name__}: {err}")
     raise DownloadError(f"could not fetch {Path(dest).name} from any source:\n" + "\n".join(failures))
+
+
+@contextlib.contextmanager
+def cache_lock(dest: str | Path) -> Iterator[None]:
+    """Hold the inter-process lock of the cached file ``dest`` (on ``.<name>.lock`` beside it).
+
+    It is an OS lock (``flock``) tied to an open file, so the kernel releases it when its holder
+    exits or is killed: a dead download never blocks the next one. The lock file itself stays
+    (deleting it would let two processes lock two different files of the same name).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(dest.with_name(f".{dest.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process fetching %s (lock %s)", dest, lock.lock_file)
+        lock.acquire()  # polls, so Ctrl-C still stops the wait
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def fetch_cached(
+    sources: Sequence[str],
+    dest: str | Path,
+    *,
+    sha256: str | None = None,
+    timeout_s: float = 30.0,
+    retries: int = 3,
+    fetcher: Callable[..., Path] = fetch,
+) -> Path:
+    """``dest`` in the download cache: kept if already there, else fetched with :func:`fetch_first`.
+
+    Everything happens under :func:`cache_lock`, so processes sharing the cache never write the
+    same ``.part`` file or extract into the same place at once: the second one waits, then finds
+    the finished file and downloads nothing. A cached file is checked against ``sha256`` (when
+    given); one that fails it is deleted and fetched again.
+    """
+    dest = Path(dest)
+    with cache_lock(dest):
+        if dest.is_file():
+            if sha256 is None or sha256_file(dest) == sha256:
+                log.debug("%s: already in the cache", dest)
+                return dest
+            log.warning("%s is corrupt (sha256 mismatch); fetching it again", dest)
+            dest.unlink()
+        path, _ = fetch_first(sources, dest, sha256=sha256, timeout_s=timeout_s, retries=retries, fetcher=fetcher)
+        return path

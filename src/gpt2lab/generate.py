@@ -12,12 +12,23 @@ Generation therefore never fails on length, costs one extra prefill per ``n_ctx 
 new tokens, and each token sees between ``n_ctx // 2`` and ``n_ctx`` tokens of context.
 A prompt longer than ``n_ctx`` is cut the same way before the first step. A warning is
 logged once per call when this happens.
+
+Prompt-lookup decoding (``prompt_lookup=N``, off by default, batch 1 only) is speculative
+decoding with the text itself as the draft model: when the last few tokens occurred
+before, the (up to N) tokens that followed them are guessed, and one forward pass over the
+guesses checks them all. Decoding one token costs about as much as checking several (the
+time goes into reading the weights), so every guess that holds saves a step. Each position
+is still sampled from the model's own distribution, in order, with one draw of the
+generator per new token, and a guess is kept only while it equals that token; the output
+therefore has exactly the distribution of plain decoding (greedy: the same tokens, up to
+float rounding of near-ties). Repetitive or copy-heavy text gains the most.
 """
 
 from __future__ import annotations
 
 import codecs
 import logging
+import numbers
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -32,6 +43,7 @@ from gpt2lab.model import GPT2
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LOOKUP_MAX_NGRAM = 3  # prompt lookup matches the last 3, 2, then 1 tokens
 
 
 class GenerationError(Gpt2labError, ValueError):
@@ -39,13 +51,23 @@ class GenerationError(Gpt2labError, ValueError):
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise :class:`GenerationError` for a temperature, top-k or top-p out of range."""
+    """Raise :class:`GenerationError` for a temperature, top-k or top-p of the wrong type or out of range."""
+    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool):
+        raise GenerationError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and not _is_int(top_k):
+        raise GenerationError(f"top_k must be an integer >= 1 or None (off), got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool)):
+        raise GenerationError(f"top_p must be a number in (0, 1] or None (off), got {top_p!r}")
     if not temperature >= 0:  # also catches NaN
         raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise GenerationError(f"top_k must be an integer >= 1 or None (off), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise GenerationError(f"top_p must be in (0, 1] or None (off), got {top_p}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def sampling_probs(
@@ -114,6 +136,32 @@ def _as_rows(prompts: torch.Tensor | Sequence[Sequence[int]], vocab_size: int) -
     return rows
 
 
+def lookup_draft(history: Sequence[int], max_tokens: int, max_ngram: int = LOOKUP_MAX_NGRAM) -> list[int]:
+    """Up to ``max_tokens`` guessed next tokens: what followed the last n-gram of ``history`` before.
+
+    For n = ``max_ngram`` down to 1, finds the latest earlier occurrence of the last n tokens
+    and copies what followed it. The copy may run into the tokens it produces, as in LZ77,
+    so a loop of period p is guessed p tokens at a time and beyond. [] when nothing matches.
+    """
+    if max_tokens < 1:
+        return []
+    seq = list(history)
+    end = len(seq)
+    # Earlier positions of the last token, latest first (recent text predicts best): only
+    # there can an n-gram match end, so the scan stays cheap next to a forward pass.
+    ends = [e for e in range(end - 2, -1, -1) if seq[e] == seq[-1]]
+    for n in range(min(max_ngram, end - 1), 0, -1):
+        tail = seq[end - n :]
+        for e in ends:
+            if e >= n - 1 and seq[e - n + 1 : e + 1] == tail:
+                src = e + 1
+                for _ in range(max_tokens):
+                    seq.append(seq[src])
+                    src += 1
+                return seq[end:]
+    return []
+
+
 class _Decoder:
     """The state of one batched, cached decoding run: a left-padded context window and its cache.
 
@@ -144,8 +192,13 @@ class _Decoder:
         # The last sampled token is never fed back, hence the - 1.
         model.setup_cache(B, min(cfg.n_ctx, width + max_new_tokens - 1) if max_new_tokens > 1 else width)
 
+    @property
+    def room(self) -> int:
+        """How many draft tokens the next :meth:`step` can check after its token without a cut."""
+        return self.model.cache_len - self.length - 1
+
     def prefill(self) -> torch.Tensor:
-        """Run the ``width`` context columns from cache position 0; logits (B, vocab_size) of the last one."""
+        """Run the ``width`` context columns from cache position 0; logits (B, 1, vocab_size) of the last one."""
         T = self.width
         valid = self.valid[:, :T]
         pos = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T) each row counts from its first real token
@@ -153,21 +206,34 @@ class _Decoder:
         logits = self.model(self.tokens[:, :T], pos=pos, start=0, key_mask=key_mask, last_only=True)
         self.length = T
         self.next_pos.copy_(pos[:, -1:] + 1)
-        return logits[:, -1]
+        return logits
 
-    def step(self, tok: torch.Tensor) -> torch.Tensor:
-        """Feed ``tok`` (B,); logits (B, vocab_size) for the token after it. Cuts the context when full."""
+    def step(self, tok: torch.Tensor, draft: Sequence[int] = ()) -> torch.Tensor:
+        """Feed ``tok`` (B,) and then ``draft`` (batch 1 only, at most :attr:`room` tokens).
+
+        Returns logits (B, 1 + len(draft), vocab_size): position j predicts the token after
+        the j-th fed one. Cuts the context when it is full (then without a draft).
+        """
         n_ctx = self.model.config.n_ctx
         if self.length == n_ctx:
             return self._cut_and_prefill(tok)
-        col = self.length
-        self.tokens[:, col] = tok
-        self.valid[:, col] = True
-        key_mask = self.valid[:, : col + 1] if self.padded else None  # no mask at all for an unpadded batch
-        logits = self.model(tok[:, None], pos=self.next_pos, start=col, key_mask=key_mask, last_only=True)
-        self.length = col + 1
-        self.next_pos += 1
-        return logits[:, -1]
+        col, T = self.length, 1 + len(draft)
+        fed = tok[:, None] if not draft else torch.tensor([[int(tok), *draft]], device=tok.device)  # (B, T)
+        self.tokens[:, col : col + T] = fed
+        self.valid[:, col : col + T] = True
+        key_mask = self.valid[:, : col + T] if self.padded else None  # no mask at all for an unpadded batch
+        pos = self.next_pos if T == 1 else self.next_pos + torch.arange(T, device=tok.device)  # (B, T)
+        logits = self.model(fed, pos=pos, start=col, key_mask=key_mask, last_only=T == 1)
+        self.length = col + T
+        self.next_pos += T
+        return logits
+
+    def rewind(self, n: int) -> None:
+        """Forget the last ``n`` fed tokens (rejected guesses); their cache entries get overwritten."""
+        if n:
+            self.length -= n
+            self.next_pos -= n
+            self.valid[:, self.length : self.length + n] = False
 
     def _cut_and_prefill(self, tok: torch.Tensor) -> torch.Tensor:
         keep = self.window - 1  # + the new token = window
@@ -192,6 +258,7 @@ def stream(
     top_p: float | None = None,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    prompt_lookup: int = 0,
 ) -> Iterator[list[int | None]]:
     """Decode a batch of prompts step by step; yields each step's new token per prompt.
 
@@ -204,18 +271,25 @@ def stream(
         temperature, top_k, top_p, generator: as in :func:`sample`.
         eos_id: a row that samples this token is finished (the token itself is not
             yielded); None generates ``max_new_tokens`` tokens for every row.
+        prompt_lookup: guess up to this many tokens per forward pass by prompt lookup
+            (see the module docstring); 0 = off. Used for a single prompt only.
 
     Yields:
-        one list of B items per step: the new token id, or None for a finished row.
+        one list of B items per new token: the token id, or None for a finished row.
         It stops early when every row has finished. See the module docstring for what
         happens past the context length.
     """
     # Checked here, not in the generator, so a bad argument fails at the call.
     check_sampling(temperature, top_k, top_p)
-    if max_new_tokens < 0:
-        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not _is_int(prompt_lookup) or prompt_lookup < 0:
+        raise GenerationError(f"prompt_lookup must be an integer >= 0 (0 = off), got {prompt_lookup!r}")
     rows = _as_rows(prompts, model.config.vocab_size)
-    return _stream(model, rows, max_new_tokens, (temperature, top_k, top_p), eos_id, generator)
+    if prompt_lookup and len(rows) > 1:
+        log.info("prompt lookup works on one prompt at a time; decoding %d prompts without it", len(rows))
+        prompt_lookup = 0
+    return _stream(model, rows, max_new_tokens, (temperature, top_k, top_p), eos_id, generator, prompt_lookup)
 
 
 @torch.inference_mode()
@@ -226,6 +300,7 @@ def _stream(
     sampling: tuple[float, int | None, float | None],
     eos_id: int | None,
     generator: torch.Generator | None,
+    prompt_lookup: int,
 ) -> Iterator[list[int | None]]:
     if max_new_tokens == 0:
         return
@@ -233,23 +308,38 @@ def _stream(
     model.eval()
     try:
         dec = _Decoder(model, rows, max_new_tokens)
-        warned = False
+        history = list(rows[0]) if prompt_lookup else []  # the text prompt lookup searches
         finished = torch.zeros(len(rows), dtype=torch.bool, device=dec.tokens.device)
-        logits = dec.prefill()
-        for i in range(max_new_tokens):
+        logits, draft = dec.prefill(), []  # logits (B, 1 + len(draft), V)
+        n_new, warned = 0, False
+        guesses = prompt_lookup  # draft size: +2 after a draft that fully held, -1 after a miss (as transformers)
+        while True:
             if dec.cut and not warned:
                 log.warning(
                     "context longer than the model's %d tokens: keeping the last %d and continuing",
                     model.config.n_ctx, dec.window,
                 )  # fmt: skip
                 warned = True
-            tok = sample(logits, *sampling, generator=generator)  # (B,)
-            if eos_id is not None:
-                finished |= tok == eos_id
-            yield [None if done else t for t, done in zip(tok.tolist(), finished.tolist())]
-            if i + 1 == max_new_tokens or bool(finished.all()):
-                break
-            logits = dec.step(tok)
+            # Sample position by position; a guess survives only while it equals the sampled token.
+            for j in range(logits.shape[1]):
+                tok = sample(logits[:, j], *sampling, generator=generator)  # (B,)
+                if eos_id is not None:
+                    finished |= tok == eos_id
+                yield [None if done else t for t, done in zip(tok.tolist(), finished.tolist())]
+                n_new += 1
+                if n_new == max_new_tokens or bool(finished.all()):
+                    return
+                if prompt_lookup:
+                    history.append(int(tok))
+                if j == len(draft) or int(tok) != draft[j]:
+                    break
+            dec.rewind(len(draft) - j)  # the guesses after the j accepted ones
+            if draft:
+                guesses = min(prompt_lookup, guesses + 2) if j == len(draft) else max(1, guesses - 1)
+            if prompt_lookup:
+                budget = min(guesses, max_new_tokens - n_new - 1, dec.room)  # never past the cache or the end
+                draft = lookup_draft(history[-model.config.n_ctx :], budget)
+            logits = dec.step(tok, draft)
     finally:
         model.clear_cache()
         model.train(was_training)
@@ -265,11 +355,12 @@ def generate(
     top_p: float | None = None,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    prompt_lookup: int = 0,
 ) -> list[list[int]]:
     """The new tokens of each prompt (without the prompt, without the EOS); arguments as in :func:`stream`."""
     out: list[list[int]] = [[] for _ in range(len(prompts))]
     for step in stream(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       eos_id=eos_id, generator=generator):  # fmt: skip
+                       eos_id=eos_id, generator=generator, prompt_lookup=prompt_lookup):  # fmt: skip
         for row, tok in zip(out, step):
             if tok is not None:
                 row.append(tok)
@@ -322,6 +413,7 @@ def generate_samples(model_dir: str | Path, params: GenerateParams) -> dict[str,
         (new,) = generate(
             model, [ids], params.max_new_tokens, temperature=params.temperature, top_k=params.top_k,
             top_p=params.top_p, eos_id=EOT_TOKEN if params.stop_at_eos else None, generator=generator,
+            prompt_lookup=params.prompt_lookup,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
         samples.append({

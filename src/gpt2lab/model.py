@@ -74,42 +74,81 @@ PRESETS: dict[str, GPT2Config] = {
 }
 
 
-def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` for x (..., in); a single row on CPU at inference runs as ``addmv``.
+# At inference on CPU, few rows (decoding: one token per sequence; a speculative verify step:
+# 2-16 tokens) are bound by reading the weights, and kernels read them at different speeds.
+# ms to stream all of GPT-2 124M's matrices once, cold (12 blocks x 4 + lm_head; 2-core
+# AVX-512/AMX CPU, torch 2.13, 2 threads):
+#   rows   fp32: F.linear  oneDNN | bf16: F.linear  W @ x^T
+#   1            17.4      21.7   |       16.2      16.4     (addmv: fp32 16.7, bf16 11.7)
+#   2            17.6      25.6   |       18.4      12.9
+#   4            32.9      27.3   |       17.1      12.2
+#   8            45.9      30.5   |       16.7      11.8
+#   16           44.7      35.7   |       16.3      11.2
+# MKL's fp32 GEMM (F.linear) keeps the pace of a GEMV up to 3 rows only; oneDNN's inner product
+# (``mkldnn::_linear_pointwise``, the op Inductor emits for CPU linears; torch is pinned) slows
+# down less. In bf16, W @ x^T costs what one row does. Both only pay off for a weight streamed
+# from memory: below about 1M (fp32) / 512K (bf16) elements F.linear is as fast or faster
+# (768x768 fp32, 8 rows: F.linear 151 us, oneDNN 196 us).
+FEW_ROWS = 16
+_MIN_STREAMED = {torch.float32: 1 << 20, torch.bfloat16: 1 << 19}  # weight elements
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
-    That is the decoding step (batch 1, one token), which only streams the weights: there
-    ``linear`` reads bf16 weights ~1.5x slower than ``addmv`` does (fp32: a few % slower).
-    Only a plain ``nn.Linear`` takes this path (a LoRA layer keeps its own forward);
-    forward hooks on the layer do not run for it.
+
+def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for x (..., in); at inference on CPU, up to ``FEW_ROWS`` rows use the kernel
+    that streams the weights fastest (see the table above): one row ``addmv``; 2+ rows of a large
+    weight ``W @ x^T`` in bf16, oneDNN's linear in fp32 from 4 rows. Equal to ``layer(x)`` up to
+    float rounding.
+
+    Only a plain ``nn.Linear`` takes these paths (a LoRA layer keeps its own forward); forward
+    hooks on the layer do not run for them; autograd and autocast always use ``layer(x)``.
     """
-    if (
-        x.dtype in (torch.float32, torch.bfloat16)
-        and x.numel() == x.shape[-1]
+    rows = x.numel() // x.shape[-1]
+    if not (
+        1 <= rows <= FEW_ROWS
         and type(layer) is nn.Linear
+        and x.dtype in _MIN_STREAMED
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")  # autocast casts inside layer(x)
     ):
+        return layer(x)
+    weight, bias = layer.weight, layer.bias  # (out, in), (out,) or None
+    if rows == 1:
         row = x.reshape(-1)  # (in,)
-        y = torch.mv(layer.weight, row) if layer.bias is None else torch.addmv(layer.bias, layer.weight, row)
-        return y.view(*x.shape[:-1], -1)  # (..., out)
-    return layer(x)
+        y = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)  # (out,)
+    elif weight.numel() < _MIN_STREAMED[x.dtype]:
+        return layer(x)
+    elif x.dtype == torch.bfloat16:
+        cols = x.reshape(rows, -1).t()  # (in, rows)
+        y = torch.mm(weight, cols) if bias is None else torch.addmm(bias[:, None], weight, cols)  # (out, rows)
+        # (rows, out): stacking the columns copies 2-4x faster than y.t().contiguous() for few rows.
+        y = torch.stack(y.unbind(1))
+    elif rows > 3 and _ONEDNN:
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), weight, bias, "none", [], "")  # (rows, out)
+    else:
+        return layer(x)
+    return y.view(*x.shape[:-1], -1)  # (..., out)
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values of one attention layer, kept out of the state dict."""
+    """Preallocated keys and values of one attention layer, kept out of the state dict.
+
+    Keys and values share one buffer (2, batch_size, n_head, max_len, head_dim), so that a step
+    writes and reads them with one indexing op each: in a 124M decoding step the ops between the
+    matmuls take ~3 of ~21 ms (fp32), each running with caches the weight stream has flushed.
+    """
 
     def __init__(self, batch_size: int, n_head: int, max_len: int, head_dim: int, dtype: torch.dtype, device: Any):
         super().__init__()
-        shape = (batch_size, n_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (2, batch_size, n_head, max_len, head_dim)
+        self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k, v`` (B, n_head, T, head_dim) at ``start``; return keys/values up to ``start + T``."""
-        end = start + k.shape[2]
-        self.k[: k.shape[0], :, start:end] = k
-        self.v[: v.shape[0], :, start:end] = v
-        return self.k[: k.shape[0], :, :end], self.v[: v.shape[0], :, :end]
+    def update(self, start: int, kv: torch.Tensor) -> torch.Tensor:
+        """Write ``kv`` (2, B, n_head, T, head_dim) at ``start``; return keys and values up to ``start + T``."""
+        B, end = kv.shape[1], start + kv.shape[3]
+        self.kv[:, :B, :, start:end] = kv
+        return self.kv[:, :B, :, :end]  # (2, B, n_head, start + T, head_dim)
 
 
 class CausalSelfAttention(nn.Module):
@@ -125,22 +164,23 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, start: int | None, mask: torch.Tensor | None) -> torch.Tensor:
         """x: (B, T, C). ``start`` is the cache offset (None = no cache); ``mask`` (B, 1, T, S) bool or None."""
         B, T, C = x.shape
-        q, k, v = project(self.c_attn, x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        qkv = project(self.c_attn, x).view(B, T, 3, self.n_head, C // self.n_head)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, n_head, T, head_dim)
+        q, kv = qkv[0], qkv[1:]
         if start is not None:
             if self.kv_cache is None:
                 raise RuntimeError("KV cache not set up: call model.setup_cache(batch_size, max_len) first")
-            k, v = self.kv_cache.update(start, k, v)  # (B, n_head, start + T, head_dim)
+            kv = self.kv_cache.update(start, kv)  # (2, B, n_head, start + T, head_dim)
+        k, v = kv.unbind(0)
         dropout_p = self.dropout if self.training else 0.0
         if mask is None:
             # Without a cache (or for a single new token) the plain causal mask is exact.
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1 and start in (None, 0))
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.resid_dropout(project(self.c_proj, y))
+        y = project(self.c_proj, y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+        # Dropout only when training: an eval-mode call is a no-op that still costs a module call.
+        return self.resid_dropout(y) if self.training else y
 
 
 class MLP(nn.Module):
@@ -151,7 +191,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(project(self.c_proj, F.gelu(project(self.c_fc, x), approximate="tanh")))
+        y = project(self.c_proj, F.gelu(project(self.c_fc, x), approximate="tanh"))
+        return self.dropout(y) if self.training else y
 
 
 class Block(nn.Module):
@@ -240,7 +281,9 @@ class GPT2(nn.Module):
             )
         if pos is None:
             pos = torch.arange(offset, offset + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
+        if self.training:
+            x = self.drop(x)
         mask = None
         if key_mask is not None or (start is not None and start > 0 and T > 1):
             S = offset + T

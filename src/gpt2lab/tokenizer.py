@@ -16,7 +16,7 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from gpt2lab.download import DownloadError, cache_dir, fetch_first, sha256_file
+from gpt2lab.download import DownloadError, cache_dir, fetch_cached
 from gpt2lab.errors import Gpt2labError
 
 log = logging.getLogger(__name__)
@@ -37,17 +37,12 @@ def _ranks_path() -> Path:
 
 
 def _offline_encoding() -> tiktoken.Encoding:
-    path = _ranks_path()
-    if path.is_file() and sha256_file(path) != RANKS_SHA256:
-        log.warning("%s is corrupt (sha256 mismatch); fetching it again", path)
-        path.unlink()
-    if not path.is_file():
-        try:
-            fetch_first(RANKS_SOURCES, path, sha256=RANKS_SHA256)
-        except DownloadError as err:
-            raise TokenizerUnavailableError(
-                f"GPT-2 tokenizer unavailable: tiktoken could not download its ranks and {err}"
-            ) from err
+    try:
+        path = fetch_cached(RANKS_SOURCES, _ranks_path(), sha256=RANKS_SHA256)  # a corrupt copy is fetched again
+    except DownloadError as err:
+        raise TokenizerUnavailableError(
+            f"GPT-2 tokenizer unavailable: tiktoken could not download its ranks and {err}"
+        ) from err
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=r50k_pat_str,

@@ -5,6 +5,9 @@ mode ``train.mode`` and saves only what was trained (see :mod:`gpt2lab.classifie
 returns a dict with the final ``metrics`` and the ``history`` of per-step losses and of
 the periodic train/validation estimates; it prints nothing (a tqdm bar when ``progress``).
 :func:`write_outputs` turns that dict into the metrics JSON, the curve TSV and the plots.
+Its resumable checkpoint outlives it: the caller removes it with :func:`remove_checkpoint`
+once everything that uses the run is done (the train stage: after logging to MLflow), so a
+kill in between resumes at the last step instead of training again from step 0.
 
 Why it is fast on a CPU: batches are padded per batch (and bucketed by length), the
 50257-wide LM head is never computed, frozen weights are cast to bf16 once instead of on
@@ -177,10 +180,14 @@ def _fingerprint(lora: LoRAParams, train: TrainParams, seed: int, base_sha256: s
 
 
 # --- checkpoints --------------------------------------------------------------------------
+def _checkpoint_tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write a resumable checkpoint atomically (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _checkpoint_tmp(path)
     torch.save(state, tmp)
     os.replace(tmp, path)
 
@@ -198,6 +205,20 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
         log.info("checkpoint %s is from other params, base or data; training from the start", path)
         return None
     return state
+
+
+def remove_checkpoint(checkpoint_dir: str | Path) -> None:
+    """Delete the resumable checkpoint in ``checkpoint_dir`` (and the folder, when left empty).
+
+    Call it only once the run's results are safe everywhere they go: until then a re-run
+    resumes from the checkpoint (the last one is taken at the final step) instead of step 0.
+    """
+    folder = Path(checkpoint_dir)
+    path = folder / CHECKPOINT_FILE
+    path.unlink(missing_ok=True)
+    _checkpoint_tmp(path).unlink(missing_ok=True)  # left by a kill while a checkpoint was written
+    with contextlib.suppress(OSError):  # absent, or holds other files: leave it
+        folder.rmdir()
 
 
 def seed_everything(seed: int) -> None:
@@ -227,8 +248,10 @@ def train_classifier(
         out_dir: where the trained parts and ``classifier.json`` go (replaced atomically).
         lora, train, seed: the ``lora`` and ``train`` sections of params.yaml and the seed.
         checkpoint_dir: where resumable checkpoints go (every ``train.checkpoint_every`` steps,
-            0 = each epoch); None disables them. A run resumes from one when ``train.resume``
-            and the params, base and data are the same; it is deleted when training finishes.
+            0 = each epoch, and always at the final step); None disables them. A run resumes
+            from one when ``train.resume`` and the params, base and data are the same. The
+            checkpoint is kept after training: call :func:`remove_checkpoint` once the results
+            are safe (saved, logged), so a kill before that resumes at the final step.
         progress: show a tqdm bar with the live loss.
         callback: ``callback(kind, record)`` after each optimizer step (``"step"``) and each
             train/validation estimate (``"eval"``), e.g. to log to a tracker while training.
@@ -290,7 +313,10 @@ def train_classifier(
         torch.set_rng_state(state["rng"])  # dropout; batches come from per-epoch seeded loaders
         step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
         examples_seen, train_time, history = state["examples_seen"], state["train_time"], state["history"]
-        log.info("resumed from %s at step %d (epoch %d)", ckpt_path, step, start_epoch + 1)
+        if start_epoch < train.epochs:
+            log.info("resumed from %s at step %d (epoch %d)", ckpt_path, step, start_epoch + 1)
+        else:  # stopped after training, e.g. while its results were logged: evaluate and save again
+            log.info("resumed from %s at step %d: training had finished; evaluating and saving", ckpt_path, step)
 
     def estimate(epoch: int) -> None:
         train_loss, train_acc = evaluate_batches(model, est_train, train.precision)
@@ -344,7 +370,8 @@ def train_classifier(
                 bar.set_postfix(loss=f"{smooth:.3f}", val_loss=f"{last['val_loss']:.3f}" if last else "-")
                 bar.update(1)
                 every = train.checkpoint_every
-                if (every and step % every == 0) or (not every and i + 1 == steps_per_epoch):
+                # The final step always: a kill after training (saving, logging) then costs no steps.
+                if step == total_steps or (every and step % every == 0) or (not every and i + 1 == steps_per_epoch):
                     checkpoint(epoch, i + 1)
     finally:
         bar.close()
@@ -355,8 +382,6 @@ def train_classifier(
         final[f"{split}_loss"], final[f"{split}_accuracy"] = loss_value, acc
     save_classifier(model, out_dir, mode=train.mode, base_dir=base_dir, lora=lora_cfg,
                     extra={"train": {"epochs": train.epochs, "seed": seed, "precision": train.precision}})  # fmt: skip
-    if ckpt_path is not None:
-        ckpt_path.unlink(missing_ok=True)
     metrics = {
         **final,
         "trainable_params": trainable,

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt2lab.config import ModelParams, WeightsParams
-from gpt2lab.download import DownloadError, atomic_dir, cache_dir, fetch_first, sha256_file, write_atomic
+from gpt2lab.download import DownloadError, atomic_dir, cache_dir, fetch_cached, sha256_file, write_atomic
 from gpt2lab.errors import Gpt2labError
 from gpt2lab.model import GPT2, PRESETS, GPT2Config
 
@@ -347,10 +347,8 @@ def random_checkpoint(cfg: GPT2Config, seed: int, out_dir: str | Path) -> Path:
 
 def _download_all(urls: dict[str, list[str]], folder: Path, params: WeightsParams) -> None:
     for name, sources in urls.items():
-        if (folder / name).is_file():
-            continue
-        try:
-            fetch_first(sources, folder / name, timeout_s=params.timeout_s, retries=params.retries)
+        try:  # a file already in the cache is kept; another process fetching it is waited for
+            fetch_cached(sources, folder / name, timeout_s=params.timeout_s, retries=params.retries)
         except DownloadError as err:
             raise WeightsUnavailableError(
                 f"cannot download {name} (no internet?); tried {', '.join(sources)}"
