@@ -27,6 +27,7 @@ repro: setup
 # Benchmarks against the peers (transformers, peft), side by side; tables of medians and ratios.
 bench: setup
 	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/bucketing.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/classify.py
 	$(BIN)/python bench/serve.py

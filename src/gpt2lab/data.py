@@ -256,13 +256,18 @@ def collate(batch: Sequence[tuple[Sequence[int], int]]) -> Batch:
 
 
 class LengthBucketSampler(Sampler[list[int]]):
-    """Batches of indices with similar lengths, so little padding is wasted.
+    """Batches of indices with similar lengths, each class mixed in at about its share.
 
-    With ``shuffle``: each epoch permutes the indices (seeded), sorts them by length within
-    pools of ``pool_batches`` batches, cuts the pools into batches and shuffles the batch
-    order; successive epochs differ, yet the sequence repeats for the same seed. Without
-    ``shuffle`` the whole data set is sorted by length (batches then do not follow index order).
-    Only the last batch can be short; ``drop_last`` drops it.
+    With ``shuffle``: each epoch permutes the indices (seeded) and cuts them into pools of
+    ``pool_batches`` batches. In each pool every class is sorted by length, the classes are
+    interleaved by length rank (see :meth:`_stratify`), and the result is cut into batches whose
+    order is then shuffled. A batch thus holds each class in about its share of the pool (for
+    two classes: within one item of it), each at the same length quantile of its class. Sorting
+    by length alone would put a class that is longer on the whole (spam) into batches of its
+    own. Successive epochs differ, yet the sequence repeats for the same seed. Without
+    ``shuffle`` the whole data set is one pool (batches then do not follow index order).
+    ``labels=None`` (or one label for all) is plain length bucketing, with the least padding.
+    Only one batch (the last pool's last) can be short; ``drop_last`` drops it.
     """
 
     def __init__(
@@ -272,12 +277,16 @@ class LengthBucketSampler(Sampler[list[int]]):
         *,
         shuffle: bool,
         seed: int,
+        labels: Sequence[int] | None = None,
         drop_last: bool = False,
         pool_batches: int = BUCKET_POOL_BATCHES,
     ):
         if batch_size < 1 or pool_batches < 1:
             raise ValueError(f"batch_size and pool_batches must be >= 1, got {batch_size} and {pool_batches}")
+        if labels is not None and len(labels) != len(lengths):
+            raise ValueError(f"got {len(lengths)} lengths but {len(labels)} labels; pass one label per item")
         self.lengths = list(lengths)
+        self.labels = list(labels) if labels is not None else [0] * len(self.lengths)
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.pool = batch_size * pool_batches if shuffle else max(len(self.lengths), 1)
         self.generator = torch.Generator().manual_seed(seed)
@@ -286,13 +295,30 @@ class LengthBucketSampler(Sampler[list[int]]):
         n, b = len(self.lengths), self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
+    def _stratify(self, pool: Sequence[int]) -> list[int]:
+        """``pool`` sorted by length within each class, the classes interleaved by length rank.
+
+        Item ``r`` (0-based) of the ``m`` items of a class is placed at ``(r + 1/2) / m`` of the
+        merged order (ties: lower label first), so any run of consecutive items holds each class
+        in about its share of the pool, every class at the same length quantile. With one class
+        this is a stable sort by length.
+        """
+        classes: dict[int, list[int]] = {}
+        for i in pool:
+            classes.setdefault(self.labels[i], []).append(i)
+        keyed = []
+        for label, members in classes.items():
+            # sorted() is stable: equal lengths keep the random order drawn in __iter__.
+            members = sorted(members, key=self.lengths.__getitem__)
+            keyed += [((rank + 0.5) / len(members), label, i) for rank, i in enumerate(members)]
+        return [i for *_, i in sorted(keyed)]
+
     def __iter__(self) -> Iterator[list[int]]:
         n = len(self.lengths)
         order = torch.randperm(n, generator=self.generator).tolist() if self.shuffle else list(range(n))
         batches = []
         for start in range(0, n, self.pool):
-            # sorted() is stable: equal lengths keep the random order drawn above.
-            pool = sorted(order[start : start + self.pool], key=self.lengths.__getitem__)
+            pool = self._stratify(order[start : start + self.pool])
             batches += [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
         # Pools are whole multiples of batch_size, so only the very last batch can be short.
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
@@ -300,6 +326,16 @@ class LengthBucketSampler(Sampler[list[int]]):
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()]
         return iter(batches)
+
+
+def _lengths_and_labels(dataset: Dataset) -> tuple[list[int], list[int]]:
+    """Token count and label of every item: the dataset's ``lengths`` and ``labels`` when it has them."""
+    lengths, labels = getattr(dataset, "lengths", None), getattr(dataset, "labels", None)
+    if lengths is None or labels is None:
+        items = [dataset[i] for i in range(len(dataset))]
+        lengths = [len(ids) for ids, _ in items] if lengths is None else lengths
+        labels = [label for _, label in items] if labels is None else labels
+    return list(lengths), list(labels)
 
 
 def make_loader(
@@ -313,13 +349,15 @@ def make_loader(
 ) -> DataLoader:
     """A seeded DataLoader yielding :class:`Batch` (ids (B, T), lengths (B,), labels (B,)).
 
-    ``bucket`` groups similar lengths into batches, then shuffles the batches (see
-    :class:`LengthBucketSampler`); otherwise items are batched in (shuffled) index order.
-    The same seed gives the same sequence of epochs.
+    ``bucket`` groups similar lengths into batches, each label in about its share of the data,
+    then shuffles the batches (see :class:`LengthBucketSampler`); otherwise items are batched
+    in (shuffled) index order. The same seed gives the same sequence of epochs.
     """
     if bucket:
-        lengths = getattr(dataset, "lengths", None) or [len(dataset[i][0]) for i in range(len(dataset))]
-        sampler = LengthBucketSampler(lengths, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        lengths, labels = _lengths_and_labels(dataset)
+        sampler = LengthBucketSampler(
+            lengths, batch_size, shuffle=shuffle, seed=seed, labels=labels, drop_last=drop_last
+        )
         # A generator of its own: without one, each new iterator draws its base seed from the
         # global RNG, shifting the dropout stream of a run resumed mid-epoch.
         generator = torch.Generator().manual_seed(seed)
