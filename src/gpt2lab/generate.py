@@ -52,11 +52,11 @@ class GenerationError(Gpt2labError, ValueError):
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise :class:`GenerationError` for a temperature, top-k or top-p of the wrong type or out of range."""
-    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool):
+    if not _is_number(temperature):
         raise GenerationError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and not _is_int(top_k):
         raise GenerationError(f"top_k must be an integer >= 1 or None (off), got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool)):
+    if top_p is not None and not _is_number(top_p):
         raise GenerationError(f"top_p must be a number in (0, 1] or None (off), got {top_p!r}")
     if not temperature >= 0:  # also catches NaN
         raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -68,6 +68,10 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def sampling_probs(
