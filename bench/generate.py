@@ -31,9 +31,10 @@ from collections.abc import Callable
 
 import torch
 
-from gpt2lab.generate import DTYPES, generate
+from gpt2lab.convert import HF_IGNORED, HF_TABLE, convert
+from gpt2lab.devices import DTYPES
+from gpt2lab.generate import generate
 from gpt2lab.model import GPT2, PRESETS
-from gpt2lab.weights import HF_IGNORED, HF_TABLE, convert
 
 
 def build_models(seed: int, text: str) -> tuple[GPT2, torch.nn.Module]:

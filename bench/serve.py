@@ -174,7 +174,7 @@ def request_bodies(texts: Sequence[str], batch: int) -> list[list[str]]:
 
 def real_messages(path: str | None) -> list[str]:
     """SMS texts: a prepared split CSV, a collection TSV, or (default) the small collection in tests/fixtures."""
-    from gpt2lab.data import parse_collection, read_split
+    from gpt2lab.dataset import parse_collection, read_split
 
     if path is None:
         return parse_collection(FIXTURE).Text.tolist()
@@ -185,9 +185,10 @@ def tiny_classifier(folder: Path) -> tuple[Path, Path]:
     """A random 2-layer GPT-2 base and a LoRA classifier on it: serving cost without a trained model."""
     import torch
 
-    from gpt2lab.classifier import build_classifier, save_classifier
-    from gpt2lab.config import ModelParams, WeightsParams
+    from gpt2lab.classifier import build_classifier
+    from gpt2lab.classifier_io import save_classifier
     from gpt2lab.lora import LoRAConfig
+    from gpt2lab.params import ModelParams, WeightsParams
     from gpt2lab.weights import fetch_weights
 
     lora = LoRAConfig(rank=4, alpha=8.0)

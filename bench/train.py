@@ -26,12 +26,13 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from gpt2lab.classifier import SpamClassifier, autocast, configure
-from gpt2lab.data import SpamDataset, make_loader
+from gpt2lab.batching import SpamDataset, make_loader
+from gpt2lab.classifier import SpamClassifier, cast_frozen_linears, configure
+from gpt2lab.devices import autocast
 from gpt2lab.lora import LoRAConfig
 from gpt2lab.model import GPT2, GPT2Config
 from gpt2lab.tokenizer import EOT_TOKEN
-from gpt2lab.train import cast_frozen_linears, make_optimizer, train_step
+from gpt2lab.train import make_optimizer, train_step
 
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 EPOCHS = 5

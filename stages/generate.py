@@ -2,21 +2,19 @@
 
 import json
 
-from gpt2lab.cli import run_stage
-from gpt2lab.config import load_params
-from gpt2lab.download import write_atomic
-from gpt2lab.generate import generate_samples
-from gpt2lab.tracking import stage_run
+from gpt2lab.fileio import write_atomic
+from gpt2lab.params import load_params
+from gpt2lab.stage import run_stage
+from gpt2lab.textgen import generate_samples
 
 MODEL = "models/base"
 OUT = "metrics/generate.json"
 
 
 def main() -> None:
-    params = load_params(sections=["generate"])
-    with stage_run("generate"):  # logs metrics/generate.json, samples included, when done
-        result = generate_samples(MODEL, params.generate)
-        write_atomic(OUT, json.dumps(result, indent=2) + "\n")
+    params = load_params()
+    result = generate_samples(MODEL, params.generate)
+    write_atomic(OUT, json.dumps(result, indent=2) + "\n")
     for s in result["samples"]:
         print(f"generate: {s['prompt']!r} -> {s['completion']!r} ({s['tokens_per_s']} tokens/s)")
     print(f"generate: wrote {OUT}")

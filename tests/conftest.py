@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import os
+import random
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
+from gpt2lab.checkpoint import random_checkpoint
 from gpt2lab.model import GPT2, GPT2Config
 
 _MLFLOW_URI_AT_START = os.environ.get("MLFLOW_TRACKING_URI")
 TINY = GPT2Config(vocab_size=50257, n_ctx=64, n_embd=32, n_layer=2, n_head=4)
+SPAM_WORDS = "WIN FREE cash prize claim URGENT txt now reply call £1000 winner offer".split()
+HAM_WORDS = "see you at home later mum dinner ok going sorry meeting tomorrow love".split()
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -70,3 +75,27 @@ def make_hf_checkpoint(cfg: GPT2Config, folder: Path, seed: int = 0):
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder, safe_serialization=True)
     return model, folder
+
+
+def make_messages(n: int, rng: random.Random) -> pd.DataFrame:
+    """``n`` labelled messages, alternating ham and spam, drawn from two small vocabularies."""
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = SPAM_WORDS if label else HAM_WORDS
+        rows.append((label, " ".join(rng.choice(words) for _ in range(rng.randint(2, 12)))))
+    rng.shuffle(rows)
+    return pd.DataFrame(rows, columns=["Label", "Text"])
+
+
+@pytest.fixture(scope="session")
+def train_inputs(tmp_path_factory) -> tuple[Path, Path]:
+    """(base checkpoint, prepared data folder) for short training runs: a tiny random base, 48/24 messages."""
+    root = tmp_path_factory.mktemp("train")
+    rng = random.Random(0)
+    data = root / "prepared"
+    data.mkdir()
+    make_messages(48, rng).to_csv(data / "train.csv", index=False)
+    make_messages(24, rng).to_csv(data / "validation.csv", index=False)
+    base = random_checkpoint(TINY, 3, root / "base")
+    return base, data

@@ -1,11 +1,32 @@
-"""Evaluation metrics equal an independent computation on the same predictions."""
+"""Metrics equal a hand computation; the evaluate stage writes metrics, predictions and plots."""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
-from gpt2lab.evaluate import classification_metrics, confusion_table, pr_table, roc_table, save_figures
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn import metrics as skm
+
+from gpt2lab.dataset import parse_collection, read_split, write_split
+from gpt2lab.evaluate import (
+    EvalError,
+    classification_metrics,
+    confusion_table,
+    evaluate_classifier,
+    pr_table,
+    roc_table,
+    write_outputs,
+)
+from gpt2lab.inference import Classifier
+from gpt2lab.plots import save_eval_plots
+from tests.helpers import MESSAGES, make_classifier
 
 
 def _by_hand(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
@@ -51,6 +72,121 @@ def test_plot_tables(tmp_path):
     assert list(pr_table(y, p).columns) == ["recall", "precision"]
     conf = confusion_table(y, p)
     assert conf.values.tolist() == [["ham", "ham"], ["ham", "spam"], ["spam", "ham"], ["spam", "spam"]]
-    paths = save_figures(y, p, tmp_path)
+    paths = save_eval_plots(y, p, tmp_path)
     assert [x.name for x in paths] == ["confusion_matrix.png", "roc.png", "precision_recall.png"]
     assert all(x.read_bytes()[:4] == b"\x89PNG" for x in paths)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+FIXTURE = REPO / "tests" / "fixtures" / "sms_small.tsv"
+
+
+SPLITS = ("train", "validation", "test")
+
+
+def make_splits(folder: Path) -> dict[str, pd.DataFrame]:
+    """Three splits from the fixture collection plus the awkward messages, each with both classes."""
+    df = parse_collection(FIXTURE)
+    extra = pd.DataFrame({"Label": [1, 0, 0, 1, 0, 0, 1], "Text": MESSAGES})
+    parts = {"train": df.iloc[:20], "validation": pd.concat([df.iloc[20:26], extra.iloc[:3]]),
+             "test": pd.concat([df.iloc[26:], extra])}  # fmt: skip
+    for name, part in parts.items():
+        assert part.Label.nunique() == 2, name
+        write_split(part.reset_index(drop=True), folder / f"{name}.csv")
+    return {name: read_split(folder / f"{name}.csv") for name in parts}
+
+
+def check_against_independent(metrics: dict, predictions: pd.DataFrame, threshold: float) -> None:
+    """Every split's numbers equal a by-hand count and scikit-learn called directly on the predictions."""
+    for split in SPLITS:
+        part = predictions[predictions.split == split]
+        y, p = part.label.to_numpy(), part.probability.to_numpy()
+        ours, ref = metrics[split], _by_hand(y, p, threshold)
+        assert ours["n"] == len(y)
+        assert ours["confusion_matrix"] == ref["confusion_matrix"]
+        for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
+            assert ours[key] == pytest.approx(ref[key], abs=1e-12), (split, key)
+        pred = (p >= threshold).astype(int)
+        assert ours["f1"] == pytest.approx(skm.f1_score(y, pred), abs=1e-12)
+        assert ours["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p), abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A project folder as the pipeline leaves it before `evaluate`: params, classifier, prepared data."""
+    root = tmp_path_factory.mktemp("project")
+    clf_dir, _ = make_classifier(root / "models")
+    shutil.move(clf_dir, root / "models" / "classifier")
+    make_splits(root / "data" / "prepared")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    return root
+
+
+def test_metrics_and_predictions(project, tmp_path):
+    splits = {s: read_split(project / "data" / "prepared" / f"{s}.csv") for s in SPLITS}
+    threshold = 0.4
+    result = evaluate_classifier(project / "models" / "classifier", project / "data" / "prepared",
+                                 batch_size=4, precision="fp32", threshold=threshold)  # fmt: skip
+    metrics, predictions = result["metrics"], result["predictions"]
+    assert list(metrics) == [*SPLITS, "base_pretrained", "threshold", "precision"]
+    assert metrics["base_pretrained"] is False and metrics["threshold"] == threshold
+    # The predictions are the classifier's, row by row, with the split's own labels.
+    clf = Classifier.load(project / "models" / "classifier")
+    for split, df in splits.items():
+        part = predictions[predictions.split == split]
+        assert part.row.tolist() == list(range(len(df))) and part.label.tolist() == df.Label.tolist()
+        np.testing.assert_allclose(part.probability, clf.predict_proba(df.Text.tolist()), rtol=1e-5, atol=1e-7)
+    check_against_independent(metrics, predictions, threshold)
+    cm = metrics["test"]["confusion_matrix"]
+    assert min(cm.values()) >= 0 and sum(cm.values()) == len(splits["test"])
+
+    files = write_outputs(result, tmp_path / "eval.json", tmp_path / "predictions.csv", tmp_path / "plots")
+    assert json.loads((tmp_path / "eval.json").read_text()) == json.loads(json.dumps(metrics))
+    reread = pd.read_csv(tmp_path / "predictions.csv")
+    assert reread.probability.tolist() == predictions.probability.tolist()  # full precision, exact
+    check_against_independent(json.loads((tmp_path / "eval.json").read_text()), reread, threshold)
+    names = sorted(f.relative_to(tmp_path).as_posix() for f in files)
+    assert names == sorted(["eval.json", "predictions.csv", "plots/confusion.csv", "plots/roc.csv", "plots/pr.csv",
+                            "plots/confusion_matrix.png", "plots/roc.png", "plots/precision_recall.png"])  # fmt: skip
+
+
+def test_missing_split_says_which_stage_to_run(project, tmp_path):
+    for split in ("train", "validation"):
+        shutil.copy(project / "data" / "prepared" / f"{split}.csv", tmp_path)
+    with pytest.raises(EvalError, match=r"test\.csv: missing; run the prepare_data stage"):
+        evaluate_classifier(project / "models" / "classifier", tmp_path)
+
+
+@pytest.mark.slow
+def test_stage_script_end_to_end(project):
+    """`python stages/evaluate.py` in a project folder writes every file, consistent with each other."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    done = subprocess.run([sys.executable, str(REPO / "stages" / "evaluate.py")], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "evaluate: train accuracy" in done.stdout
+    metrics = json.loads((project / "metrics" / "eval.json").read_text())
+    predictions = pd.read_csv(project / "metrics" / "predictions.csv")
+    assert metrics["precision"] == "bf16" and metrics["threshold"] == 0.5  # params.yaml's eval section
+    check_against_independent(metrics, predictions, 0.5)
+
+    plots = project / "metrics" / "plots"
+    test = predictions[predictions.split == "test"]
+    y, p = test.label.to_numpy(), test.probability.to_numpy()
+    confusion = pd.read_csv(plots / "confusion.csv")
+    assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == len(test)
+    counts = confusion.value_counts()
+    cm = metrics["test"]["confusion_matrix"]
+    assert (counts.get(("spam", "spam"), 0), counts.get(("ham", "spam"), 0)) == (cm["tp"], cm["fp"])
+    assert (counts.get(("ham", "ham"), 0), counts.get(("spam", "ham"), 0)) == (cm["tn"], cm["fn"])
+    roc = pd.read_csv(plots / "roc.csv")
+    fpr, tpr, _ = skm.roc_curve(y, p)
+    np.testing.assert_allclose(roc.fpr, fpr)
+    np.testing.assert_allclose(roc.tpr, tpr)
+    assert np.trapezoid(roc.tpr, roc.fpr) == pytest.approx(metrics["test"]["roc_auc"], abs=1e-12)
+    pr = pd.read_csv(plots / "pr.csv")
+    assert list(pr.columns) == ["recall", "precision"] and pr.recall.iloc[-1] == 0.0
+    for png in ("confusion_matrix.png", "roc.png", "precision_recall.png"):
+        assert (plots / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

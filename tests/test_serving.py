@@ -15,10 +15,10 @@ import mlflow
 import pandas as pd
 import pytest
 
-from gpt2lab.classifier import Classifier
-from gpt2lab.data import parse_collection
+from gpt2lab.dataset import parse_collection
+from gpt2lab.inference import Classifier
 from gpt2lab.serving import log_model, pip_requirements
-from tests.classify_helpers import MESSAGES, make_classifier
+from tests.helpers import MESSAGES, make_classifier
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sms_small.tsv"
 PING_TIMEOUT_S = 180  # the server imports torch and loads the model first; this machine may be busy

@@ -1,12 +1,18 @@
-"""GPT-2 BPE works offline, through the package-index copy of the ranks."""
+"""GPT-2 BPE through tiktoken, offline from the package index's copy of the ranks."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import tiktoken
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gpt2lab import tokenizer
-from gpt2lab.download import sha256_file
+from gpt2lab.fileio import sha256_file
+from gpt2lab.tokenizer import VOCAB_SIZE, decode, encode
+from tests.helpers import FEW, SOME, TEXT
 
 EXPECTED = [15496, 995, 11, 790, 3626, 6100, 345]
 
@@ -55,3 +61,24 @@ def test_every_route_failing_is_one_clear_error(offline, monkeypatch):
 def test_round_trip_non_ascii():
     text = "naïve café — 東京 🙂"
     assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+# --- tokenizer -----------------------------------------------------------------------------------
+
+
+@SOME
+@given(text=TEXT)
+def test_tokenizer_round_trips_any_text(text):
+    ids = encode(text)
+    assert all(isinstance(i, int) and 0 <= i < VOCAB_SIZE for i in ids)
+    assert decode(ids) == text
+    assert (ids == []) == (text == "")
+
+
+@FEW
+@given(text=st.text(st.characters(), max_size=40))
+def test_lone_surrogates_become_replacement_characters(text):
+    """Text that is not valid Unicode (possible from Python, not from a file) is read, not refused."""
+    ids = encode(text)
+    assert all(0 <= i < VOCAB_SIZE for i in ids)
+    assert decode(ids) == re.sub("[\ud800-\udfff]", "\ufffd", text)

@@ -1,58 +1,22 @@
-"""Training loop: learns, is deterministic, resumes exactly, writes its outputs."""
+"""The training loop: it learns, it is deterministic, every mode trains, outputs are written."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import random
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpt2lab.classifier import META_FILE, load_classifier, predict_proba
-from gpt2lab.config import LoRAParams, TrainParams
+from gpt2lab.classifier_io import META_FILE, load_classifier
+from gpt2lab.inference import predict_proba
 from gpt2lab.lora import ADAPTER_FILE
-from gpt2lab.train import (
-    CHECKPOINT_FILE,
-    CURVE_COLUMNS,
-    lr_factor,
-    remove_checkpoint,
-    train_classifier,
-    write_outputs,
-)
-from gpt2lab.weights import random_checkpoint
+from gpt2lab.params import LoRAParams, TrainParams
+from gpt2lab.train import CURVE_COLUMNS, lr_factor, train_classifier, write_outputs
 
-SPAM_WORDS = "WIN FREE cash prize claim URGENT txt now reply call £1000 winner offer".split()
-HAM_WORDS = "see you at home later mum dinner ok going sorry meeting tomorrow love".split()
 LORA = LoRAParams(rank=4, alpha=8.0)
-
-
-def _messages(n: int, rng: random.Random) -> pd.DataFrame:
-    rows = []
-    for i in range(n):
-        label = i % 2
-        words = SPAM_WORDS if label else HAM_WORDS
-        rows.append((label, " ".join(rng.choice(words) for _ in range(rng.randint(2, 12)))))
-    rng.shuffle(rows)
-    return pd.DataFrame(rows, columns=["Label", "Text"])
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> tuple[Path, Path]:
-    from tests.conftest import TINY
-
-    root = tmp_path_factory.mktemp("train")
-    rng = random.Random(0)
-    data = root / "prepared"
-    data.mkdir()
-    _messages(48, rng).to_csv(data / "train.csv", index=False)
-    _messages(24, rng).to_csv(data / "validation.csv", index=False)
-    base = random_checkpoint(TINY, 3, root / "base")
-    return base, data
 
 
 def _params(**kw) -> TrainParams:
@@ -69,8 +33,8 @@ def test_lr_schedules():
     assert f(2, "cosine", warmup=2) == 1.0 and f(6, "cosine", warmup=2) == pytest.approx(0.5)
 
 
-def test_lora_training_learns_and_saves_the_adapter(tmp_path, setup):
-    base, data = setup
+def test_lora_training_learns_and_saves_the_adapter(tmp_path, train_inputs):
+    base, data = train_inputs
     train = _params(epochs=6, bucket=False)
     result = train_classifier(base, data, tmp_path / "clf", LORA, train, seed=1)
     m, hist = result["metrics"], result["history"]
@@ -92,8 +56,8 @@ def test_lora_training_learns_and_saves_the_adapter(tmp_path, setup):
     assert acc == pytest.approx(m["val_accuracy"])
 
 
-def test_training_is_deterministic(tmp_path, setup):
-    base, data = setup
+def test_training_is_deterministic(tmp_path, train_inputs):
+    base, data = train_inputs
     train = _params(epochs=1, bucket=True, precision="bf16")
     a = train_classifier(base, data, tmp_path / "a", LORA, train, seed=5)
     b = train_classifier(base, data, tmp_path / "b", LORA, train, seed=5)
@@ -104,65 +68,9 @@ def test_training_is_deterministic(tmp_path, setup):
     assert c["history"]["steps"] != a["history"]["steps"]
 
 
-class _Stop(Exception):
-    pass
-
-
-# Resumed at step 13 (end of epoch 2, 6 steps each, or step 12), or mid-epoch at step 11.
-@pytest.mark.parametrize(("checkpoint_every", "first_step"), [(0, 13), (4, 13), (5, 11)])
-def test_interrupted_run_resumes_to_the_same_result(tmp_path, setup, checkpoint_every, first_step):
-    base, data = setup
-    train = _params(epochs=3, checkpoint_every=checkpoint_every)
-    lora = dataclasses.replace(LORA, dropout=0.2)  # dropout: the RNG state must be restored too
-    ckpt = tmp_path / "ckpt"
-    full = train_classifier(base, data, tmp_path / "full", lora, train, seed=2, checkpoint_dir=tmp_path / "c0")
-    # Kept, taken at the final step: the caller removes it once the results are safe (logged), and
-    # a run stopped before that (killed while logging) resumes there: no step is trained again.
-    final = torch.load(tmp_path / "c0" / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    assert final["step"] == full["metrics"]["steps"] == 18
-    after = train_classifier(base, data, tmp_path / "after", lora, train, seed=2, checkpoint_dir=tmp_path / "c0",
-                             callback=lambda kind, r: pytest.fail(f"trained again: {kind} {r}"))  # fmt: skip
-    assert after["history"] == full["history"] and after["metrics"]["val_loss"] == full["metrics"]["val_loss"]
-    remove_checkpoint(tmp_path / "c0")
-    assert not (tmp_path / "c0").exists()
-
-    def stop_at_14(kind, record):
-        if kind == "step" and record["step"] == 14:
-            raise _Stop
-
-    with pytest.raises(_Stop):
-        train_classifier(base, data, tmp_path / "x", lora, train, seed=2, checkpoint_dir=ckpt, callback=stop_at_14)
-    assert (ckpt / CHECKPOINT_FILE).is_file() and not (tmp_path / "x").exists()
-    steps_seen = []
-    resumed = train_classifier(
-        base, data, tmp_path / "x", lora, train, seed=2, checkpoint_dir=ckpt,
-        callback=lambda kind, r: steps_seen.append(r["step"]) if kind == "step" else None,
-    )  # fmt: skip
-    assert steps_seen[0] == first_step  # after the last checkpoint before step 14
-    assert resumed["history"] == full["history"]
-    ta, tb = load_file(str(tmp_path / "full" / ADAPTER_FILE)), load_file(str(tmp_path / "x" / ADAPTER_FILE))
-    assert all(torch.equal(ta[k], tb[k]) for k in ta)
-
-
-def test_checkpoint_of_other_params_is_not_resumed(tmp_path, setup):
-    base, data = setup
-    ckpt = tmp_path / "ckpt"
-
-    def stop(kind, record):
-        if kind == "step" and record["step"] == 7:
-            raise _Stop
-
-    with pytest.raises(_Stop):
-        train_classifier(base, data, tmp_path / "x", LORA, _params(), seed=2, checkpoint_dir=ckpt, callback=stop)
-    steps = []
-    train_classifier(base, data, tmp_path / "x", LORA, _params(lr=1e-3), seed=2, checkpoint_dir=ckpt,
-                     callback=lambda kind, r: steps.append(r["step"]) if kind == "step" else None)  # fmt: skip
-    assert steps[0] == 1
-
-
 @pytest.mark.parametrize("mode", ["last_block", "full"])
-def test_other_modes_train(tmp_path, setup, mode):
-    base, data = setup
+def test_other_modes_train(tmp_path, train_inputs, mode):
+    base, data = train_inputs
     result = train_classifier(base, data, tmp_path / "clf", LORA, _params(mode=mode, epochs=1), seed=1)
     assert result["metrics"]["mode"] == mode
     meta = json.loads((tmp_path / "clf" / META_FILE).read_text())
@@ -170,8 +78,8 @@ def test_other_modes_train(tmp_path, setup, mode):
     load_classifier(tmp_path / "clf")
 
 
-def test_write_outputs(tmp_path, setup):
-    base, data = setup
+def test_write_outputs(tmp_path, train_inputs):
+    base, data = train_inputs
     result = train_classifier(base, data, tmp_path / "clf", LORA, _params(epochs=1), seed=1)
     paths = write_outputs(result, tmp_path / "m" / "train.json", tmp_path / "m" / "curve.tsv", tmp_path / "plots")
     metrics = json.loads((tmp_path / "m" / "train.json").read_text())

@@ -1,19 +1,25 @@
-"""gpt2lab: GPT-2 from scratch in PyTorch, real weights, LoRA fine-tuning, DVC + MLflow."""
+"""gpt2lab: GPT-2 from scratch in PyTorch, real weights, LoRA fine-tuning, DVC + MLflow.
 
-from gpt2lab.model import GPT2, GPT2Config
-from gpt2lab.weights import load_model
+``import gpt2lab`` loads nothing else (no torch): the names below are imported on first use.
+The package's layers and which module may import which: ``src/gpt2lab/README.md``.
+"""
 
-__all__ = ["GPT2", "GPT2Config", "Classifier", "classify_review", "load_model"]
+import importlib
+
 __version__ = "0.1.0"
 
-_LAZY = {"Classifier": "gpt2lab.classifier", "classify_review": "gpt2lab.classifier"}
+# name -> the module that defines it
+_LAZY = {
+    "GPT2": "gpt2lab.model",
+    "GPT2Config": "gpt2lab.presets",
+    "load_model": "gpt2lab.checkpoint",
+    "Classifier": "gpt2lab.inference",
+    "classify_review": "gpt2lab.inference",
+}
+__all__ = [*_LAZY, "__version__"]
 
 
 def __getattr__(name: str) -> object:
-    # Imported on first use: `import gpt2lab` (and every DVC stage) stays off the classifier's
-    # modules, so a change there does not invalidate stages that never use it.
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'gpt2lab' has no attribute {name!r}")

@@ -1,4 +1,8 @@
-"""The ``gpt2lab`` command: subcommands over the library, user errors as one line."""
+"""The ``gpt2lab`` command: subcommands over the library, user errors as one line.
+
+Only argparse and the torch-free base layer are imported at start, so ``gpt2lab --help``
+answers at once; each subcommand imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,16 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from gpt2lab import __version__
 from gpt2lab.errors import Gpt2labError
+from gpt2lab.params import MAX_SEED, GenerateParams
+from gpt2lab.stage import run
 
 Command = Callable[[argparse.Namespace], int | None]
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from gpt2lab.weights import convert_checkpoint
+    from gpt2lab.convert import convert_checkpoint
 
     out = convert_checkpoint(args.input, args.output_dir)
     print(f"wrote {out}/model.safetensors and {out}/config.json")
@@ -24,9 +31,10 @@ def _generate(args: argparse.Namespace) -> None:
 
     import torch
 
-    from gpt2lab.config import MAX_SEED
-    from gpt2lab.generate import DTYPES, check_sampling, stream_text
-    from gpt2lab.weights import load_model
+    from gpt2lab.checkpoint import load_model
+    from gpt2lab.devices import DTYPES
+    from gpt2lab.generate import check_sampling
+    from gpt2lab.textgen import stream_text
 
     check_sampling(args.temperature, args.top_k or None, args.top_p)  # before the slow part: loading the model
     if args.max_new_tokens < 0:
@@ -53,7 +61,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _smoke(args: argparse.Namespace) -> int:
-    from gpt2lab.pipeline import run_smoke
+    from gpt2lab.smoke import run_smoke
 
     extra = (["-n", args.name] if args.name else []) + [a for kv in args.set_param for a in ("-S", kv)]
     return run_smoke(".", extra + args.dvc_args)
@@ -79,7 +87,8 @@ def _classify(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from gpt2lab.classifier import META_FILE, BaseCheckpointMissingError, Classifier
+    from gpt2lab.classifier_io import META_FILE, BaseCheckpointMissingError
+    from gpt2lab.inference import Classifier
 
     texts = list(args.messages) + (_read_messages(args.file) if args.file else [])
     if not texts:
@@ -102,18 +111,20 @@ def _classify(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpt2lab", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="gpt2lab",
+        description="GPT-2 from scratch: convert weights, generate text, classify spam, run the pipeline offline.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("convert", help="convert an OpenAI TF or Hugging Face checkpoint to gpt2lab's safetensors")
     p.add_argument("input", help="OpenAI checkpoint folder (with hparams.json) or Hugging Face .safetensors file/folder")
     p.add_argument("output_dir", help="folder to write model.safetensors and config.json into")
     p.set_defaults(func=_convert)
 
-    from gpt2lab.config import GenerateParams  # the defaults of params.yaml's generate section
-
-    d = GenerateParams()
+    d = GenerateParams()  # the defaults of params.yaml's generate section
     p = sub.add_parser("generate", help="continue a prompt with GPT-2, streaming the text")
     p.add_argument("prompt", help="text to continue (empty: start from <|endoftext|>)")
     p.add_argument("--model", default="models/base", help="converted checkpoint folder (default: %(default)s)")
@@ -151,26 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(func: Callable[[], int | None]) -> int:
-    """Run ``func``; a :class:`Gpt2labError` becomes ``error: <message>`` on stderr and exit 1."""
-    try:
-        return func() or 0
-    except Gpt2labError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-def run_stage(func: Callable[[], int | None]) -> None:
-    """Entry point of a DVC stage script: INFO logging, user errors as one line, exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(run(func))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `gpt2lab`
+        parser.print_help()
+        return 0
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     return run(lambda: args.func(args))
 

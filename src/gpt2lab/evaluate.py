@@ -17,12 +17,14 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
+from gpt2lab.classifier_io import read_classifier_meta
+from gpt2lab.dataset import CLASS_NAMES, SPLITS, read_split
 from gpt2lab.errors import Gpt2labError
+from gpt2lab.fileio import write_atomic
+from gpt2lab.inference import Classifier
+from gpt2lab.plots import save_eval_plots
 
 log = logging.getLogger(__name__)
-
-LABELS = ("ham", "spam")
-
 
 def classification_metrics(labels: Sequence[int], probs: Sequence[float], threshold: float = 0.5) -> dict:
     """Accuracy, precision, recall, F1, ROC-AUC and the confusion matrix of one split.
@@ -64,39 +66,10 @@ def pr_table(labels: Sequence[int], probs: Sequence[float]) -> pd.DataFrame:
 def confusion_table(labels: Sequence[int], probs: Sequence[float], threshold: float = 0.5) -> pd.DataFrame:
     """One row per message, ``actual, predicted`` as names: DVC's confusion-matrix plot input."""
     pred = (np.asarray(probs) >= threshold).astype(int)
-    return pd.DataFrame({"actual": [LABELS[i] for i in labels], "predicted": [LABELS[i] for i in pred]})
-
-
-def save_figures(labels: Sequence[int], probs: Sequence[float], out_dir: str | Path, threshold: float = 0.5) -> list[Path]:
-    """Confusion matrix, ROC and precision-recall as PNGs (they render offline, unlike vega HTML)."""
-    from gpt2lab.plots import save_figure, subplots
-
-    out_dir = Path(out_dir)
-    y, p = np.asarray(labels), np.asarray(probs)
-    paths = []
-
-    fig, ax = subplots(figsize=(4, 4))
-    skm.ConfusionMatrixDisplay.from_predictions(
-        y, (p >= threshold).astype(int), labels=[0, 1], display_labels=LABELS, ax=ax, colorbar=False
-    )
-    ax.set_title("Confusion matrix (test)")
-    paths += save_figure(fig, out_dir / "confusion_matrix.png")
-
-    fig, ax = subplots(figsize=(4, 4))
-    skm.RocCurveDisplay.from_predictions(y, p, ax=ax, name="gpt2lab")
-    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
-    ax.set_title("ROC (test)")
-    paths += save_figure(fig, out_dir / "roc.png")
-
-    fig, ax = subplots(figsize=(4, 4))
-    skm.PrecisionRecallDisplay.from_predictions(y, p, ax=ax, name="gpt2lab")
-    ax.set_title("Precision-recall (test)")
-    paths += save_figure(fig, out_dir / "precision_recall.png")
-    return paths
+    return pd.DataFrame({"actual": [CLASS_NAMES[i] for i in labels], "predicted": [CLASS_NAMES[i] for i in pred]})
 
 
 # --- the evaluate stage -------------------------------------------------------------------
-SPLITS = ("train", "validation", "test")
 PLOT_SPLIT = "test"  # the plots show the held-out split
 PLOT_FILES = {"confusion": "confusion.csv", "roc": "roc.csv", "pr": "pr.csv"}
 
@@ -128,9 +101,6 @@ def evaluate_classifier(
         "threshold": float, "precision": str}, "predictions": DataFrame}`` where the predictions
         have one row per message: ``split, row`` (its row in the split's CSV), ``label``, ``probability``.
     """
-    from gpt2lab.classifier import Classifier, read_classifier_meta  # local: the metrics need no torch
-    from gpt2lab.data import read_split
-
     paths = {split: Path(data_dir) / f"{split}.csv" for split in splits}
     for path in paths.values():
         if not path.is_file():
@@ -164,8 +134,6 @@ def write_outputs(
     ``confusion_matrix.png``, ``roc.png`` and ``precision_recall.png``, which render offline.
     Probabilities are written at full precision, so metrics recomputed from the CSV are exact.
     """
-    from gpt2lab.download import write_atomic
-
     metrics, predictions = result["metrics"], result["predictions"]
     threshold = metrics.get("threshold", 0.5)
     written = [write_atomic(metrics_file, json.dumps(metrics, indent=2) + "\n")]
@@ -176,5 +144,5 @@ def write_outputs(
     tables = {"confusion": confusion_table(y, p, threshold), "roc": roc_table(y, p), "pr": pr_table(y, p)}
     for name, table in tables.items():
         written.append(write_atomic(plots_dir / PLOT_FILES[name], table.to_csv(index=False, lineterminator="\n")))
-    written += save_figures(y, p, plots_dir, threshold)
+    written += save_eval_plots(y, p, plots_dir, threshold)
     return written

@@ -3,7 +3,9 @@
 :func:`sample` turns logits into token ids (greedy, temperature, top-k, top-p).
 :func:`stream` runs the prompt once (prefill), then decodes one token at a time against
 the model's preallocated KV cache, computing logits for the last position only; it yields
-every step's tokens, so a CLI can print text as it comes. :func:`generate` collects them.
+every step's tokens, so a CLI can print text as it comes; :func:`generate` collects them.
+While it decodes, the model's plain linear layers run the few-row CPU kernels of
+:mod:`gpt2lab.kernels` (swapped in, and back out at the end).
 
 Past the context length (``n_ctx``, 1024 for GPT-2) the context is cut, not refused:
 whenever the tokens to attend to would exceed ``n_ctx``, only their last ``n_ctx // 2``
@@ -26,23 +28,20 @@ float rounding of near-ties). Repetitive or copy-heavy text gains the most.
 
 from __future__ import annotations
 
-import codecs
+import contextlib
 import logging
 import numbers
-import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from gpt2lab.config import GenerateParams
 from gpt2lab.errors import Gpt2labError
+from gpt2lab.kernels import few_row_kernels
 from gpt2lab.model import GPT2
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LOOKUP_MAX_NGRAM = 3  # prompt lookup matches the last 3, 2, then 1 tokens
 
 
@@ -296,6 +295,19 @@ def stream(
     return _stream(model, rows, max_new_tokens, (temperature, top_k, top_p), eos_id, generator, prompt_lookup)
 
 
+@contextlib.contextmanager
+def _decoding(model: GPT2) -> Iterator[None]:
+    """Eval mode and the few-row kernels for the block; then the cache is freed and the mode restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with few_row_kernels(model):
+            yield
+    finally:
+        model.clear_cache()
+        model.train(was_training)
+
+
 @torch.inference_mode()
 def _stream(
     model: GPT2,
@@ -308,9 +320,7 @@ def _stream(
 ) -> Iterator[list[int | None]]:
     if max_new_tokens == 0:
         return
-    was_training = model.training
-    model.eval()
-    try:
+    with _decoding(model):
         dec = _Decoder(model, rows, max_new_tokens)
         history = list(rows[0]) if prompt_lookup else []  # the text prompt lookup searches
         finished = torch.zeros(len(rows), dtype=torch.bool, device=dec.tokens.device)
@@ -344,9 +354,6 @@ def _stream(
                 budget = min(guesses, max_new_tokens - n_new - 1, dec.room)  # never past the cache or the end
                 draft = lookup_draft(history[-model.config.n_ctx :], budget)
             logits = dec.step(tok, draft)
-    finally:
-        model.clear_cache()
-        model.train(was_training)
 
 
 def generate(
@@ -369,74 +376,3 @@ def generate(
             if tok is not None:
                 row.append(tok)
     return out
-
-
-def stream_text(
-    model: GPT2, prompt: str, max_new_tokens: int, *, stop_at_eos: bool = True, **sampling: Any
-) -> Iterator[str]:
-    """Stream the continuation of one ``prompt`` as text, one piece per new token (GPT-2 BPE).
-
-    A token may end inside a multi-byte character; its bytes are held back (the piece is
-    ``""``) until the character is complete, so every piece is valid text; bytes still
-    incomplete at the end come as one last piece of U+FFFD. ``sampling``: as in
-    :func:`stream`. An empty prompt starts from ``<|endoftext|>``, as GPT-2 was trained.
-    """
-    from gpt2lab.tokenizer import EOT_TOKEN, encode, get_tokenizer
-
-    enc = get_tokenizer()
-    ids = encode(prompt) or [EOT_TOKEN]
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    eos_id = EOT_TOKEN if stop_at_eos else None
-    for (tok,) in stream(model, [ids], max_new_tokens, eos_id=eos_id, **sampling):
-        if tok is not None:
-            yield utf8.decode(enc.decode_single_token_bytes(tok))
-    tail = utf8.decode(b"", final=True)
-    if tail:
-        yield tail
-
-
-def generate_samples(model_dir: str | Path, params: GenerateParams) -> dict[str, Any]:
-    """Sample a continuation of every prompt in ``params``; the result of the ``generate`` stage.
-
-    Each prompt is generated alone from a generator seeded with ``params.seed``, so adding a
-    prompt does not change the others. Returns ``{"samples": [...], "tokens_per_s": ...,
-    "pretrained": ..., ...}``; tokens/s counts new tokens over the whole call (prefill included).
-    """
-    from gpt2lab.tokenizer import EOT_TOKEN, decode, encode
-    from gpt2lab.weights import is_pretrained, load_model
-
-    model = load_model(model_dir, dtype=DTYPES[params.precision])
-    pretrained = is_pretrained(model_dir)
-    if not pretrained:
-        log.warning("%s holds random weights: the samples are noise; fetch pretrained weights for real text", model_dir)
-    samples = []
-    for prompt in params.prompts:
-        ids = encode(prompt) or [EOT_TOKEN]
-        generator = torch.Generator(device=model.wte.weight.device).manual_seed(params.seed)
-        t0 = time.perf_counter()
-        (new,) = generate(
-            model, [ids], params.max_new_tokens, temperature=params.temperature, top_k=params.top_k,
-            top_p=params.top_p, eos_id=EOT_TOKEN if params.stop_at_eos else None, generator=generator,
-            prompt_lookup=params.prompt_lookup,
-        )  # fmt: skip
-        seconds = time.perf_counter() - t0
-        samples.append({
-            "prompt": prompt,
-            "completion": decode(new),
-            "prompt_tokens": len(ids),
-            "new_tokens": len(new),
-            "finish_reason": "length" if len(new) == params.max_new_tokens else "eos",
-            "seconds": round(seconds, 4),
-            "tokens_per_s": round(len(new) / seconds, 2),
-        })  # fmt: skip
-    total_tokens = sum(s["new_tokens"] for s in samples)
-    total_s = sum(s["seconds"] for s in samples)
-    return {
-        "model_dir": str(model_dir),
-        "pretrained": pretrained,
-        "precision": params.precision,
-        "num_threads": torch.get_num_threads(),
-        "new_tokens": total_tokens,
-        "tokens_per_s": round(total_tokens / total_s, 2) if total_s > 0 else 0.0,
-        "samples": samples,
-    }

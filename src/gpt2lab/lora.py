@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gpt2lab.download import write_atomic
 from gpt2lab.errors import Gpt2labError
+from gpt2lab.fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class LoRAConfig:
 
     @classmethod
     def from_params(cls, params: Any) -> LoRAConfig:
-        """From :class:`gpt2lab.config.LoRAParams` (or anything with the same fields)."""
+        """From :class:`gpt2lab.params.LoRAParams` (or anything with the same fields)."""
         return cls(int(params.rank), float(params.alpha), float(params.dropout), tuple(params.targets))
 
 

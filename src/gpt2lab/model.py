@@ -7,128 +7,16 @@ Linear weights use PyTorch's ``(out, in)`` layout; ``lm_head`` shares its weight
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from gpt2lab.config import ModelParams
+from gpt2lab.presets import PRESETS, GPT2Config
 
-
-@dataclass(frozen=True)
-class GPT2Config:
-    """Architecture hyper-parameters (names as in OpenAI's ``hparams.json``)."""
-
-    vocab_size: int = 50257
-    n_ctx: int = 1024
-    n_embd: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    dropout: float = 0.0
-    layer_norm_epsilon: float = 1e-5
-
-    def __post_init__(self) -> None:
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> GPT2Config:
-        """One of ``gpt2`` (124M), ``gpt2-medium`` (355M), ``gpt2-large`` (774M), ``gpt2-xl`` (1558M)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown model name {name!r}; allowed: {', '.join(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-    @classmethod
-    def from_params(cls, params: ModelParams) -> GPT2Config:
-        """The preset ``params.name`` with any non-null size overrides and the dropout applied."""
-        overrides = {
-            key: getattr(params, key)
-            for key in ("n_layer", "n_head", "n_embd", "n_ctx")
-            if getattr(params, key) is not None
-        }
-        return cls.preset(params.name, dropout=params.dropout, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GPT2Config:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
-PRESETS: dict[str, GPT2Config] = {
-    "gpt2": GPT2Config(n_embd=768, n_layer=12, n_head=12),
-    "gpt2-medium": GPT2Config(n_embd=1024, n_layer=24, n_head=16),
-    "gpt2-large": GPT2Config(n_embd=1280, n_layer=36, n_head=20),
-    "gpt2-xl": GPT2Config(n_embd=1600, n_layer=48, n_head=25),
-}
-
-
-# At inference on CPU, few rows (decoding: one token per sequence; a speculative verify step:
-# 2-16 tokens) are bound by reading the weights, and kernels read them at different speeds.
-# ms to stream all of GPT-2 124M's matrices once, cold (12 blocks x 4 + lm_head; 2-core
-# AVX-512/AMX CPU, torch 2.13, 2 threads):
-#   rows   fp32: F.linear  oneDNN | bf16: F.linear  W @ x^T
-#   1            17.4      21.7   |       16.2      16.4     (addmv: fp32 16.7, bf16 11.7)
-#   2            17.6      25.6   |       18.4      12.9
-#   4            32.9      27.3   |       17.1      12.2
-#   8            45.9      30.5   |       16.7      11.8
-#   16           44.7      35.7   |       16.3      11.2
-# MKL's fp32 GEMM (F.linear) keeps the pace of a GEMV up to 3 rows only; oneDNN's inner product
-# (``mkldnn::_linear_pointwise``, the op Inductor emits for CPU linears; torch is pinned) slows
-# down less. In bf16, W @ x^T costs what one row does. Both only pay off for a weight streamed
-# from memory: below about 1M (fp32) / 512K (bf16) elements F.linear is as fast or faster
-# (768x768 fp32, 8 rows: F.linear 151 us, oneDNN 196 us).
-FEW_ROWS = 16
-_MIN_STREAMED = {torch.float32: 1 << 20, torch.bfloat16: 1 << 19}  # weight elements
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` for x (..., in); at inference on CPU, up to ``FEW_ROWS`` rows use the kernel
-    that streams the weights fastest (see the table above): one row ``addmv``; 2+ rows of a large
-    weight ``W @ x^T`` in bf16, oneDNN's linear in fp32 from 4 rows. Equal to ``layer(x)`` up to
-    float rounding.
-
-    Only a plain ``nn.Linear`` takes these paths (a LoRA layer keeps its own forward); forward
-    hooks on the layer do not run for them; autograd and autocast always use ``layer(x)``.
-    """
-    rows = x.numel() // x.shape[-1]
-    if not (
-        1 <= rows <= FEW_ROWS
-        and type(layer) is nn.Linear
-        and x.dtype in _MIN_STREAMED
-        and x.device.type == "cpu"
-        and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")  # autocast casts inside layer(x)
-    ):
-        return layer(x)
-    weight, bias = layer.weight, layer.bias  # (out, in), (out,) or None
-    if rows == 1:
-        row = x.reshape(-1)  # (in,)
-        y = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)  # (out,)
-    elif weight.numel() < _MIN_STREAMED[x.dtype]:
-        return layer(x)
-    elif x.dtype == torch.bfloat16:
-        cols = x.reshape(rows, -1).t()  # (in, rows)
-        y = torch.mm(weight, cols) if bias is None else torch.addmm(bias[:, None], weight, cols)  # (out, rows)
-        # (rows, out): stacking the columns copies 2-4x faster than y.t().contiguous() for few rows.
-        y = torch.stack(y.unbind(1))
-    elif rows > 3 and _ONEDNN:
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), weight, bias, "none", [], "")  # (rows, out)
-    else:
-        return layer(x)
-    return y.view(*x.shape[:-1], -1)  # (..., out)
+__all__ = ["GPT2", "GPT2Config", "PRESETS", "KVCache"]
 
 
 class KVCache(nn.Module):
@@ -164,7 +52,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, start: int | None, mask: torch.Tensor | None) -> torch.Tensor:
         """x: (B, T, C). ``start`` is the cache offset (None = no cache); ``mask`` (B, 1, T, S) bool or None."""
         B, T, C = x.shape
-        qkv = project(self.c_attn, x).view(B, T, 3, self.n_head, C // self.n_head)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, n_head, T, head_dim)
         q, kv = qkv[0], qkv[1:]
         if start is not None:
@@ -178,7 +66,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1 and start in (None, 0))
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = project(self.c_proj, y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+        y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
         # Dropout only when training: an eval-mode call is a no-op that still costs a module call.
         return self.resid_dropout(y) if self.training else y
 
@@ -191,7 +79,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = project(self.c_proj, F.gelu(project(self.c_fc, x), approximate="tanh"))
+        y = self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
         return self.dropout(y) if self.training else y
 
 
@@ -310,7 +198,7 @@ class GPT2(nn.Module):
         x = self.hidden_states(idx, pos=pos, start=start, key_mask=key_mask)
         if last_only:
             x = x[:, -1:, :]
-        return project(self.lm_head, x)
+        return self.lm_head(x)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Unique parameters (the tied ``lm_head`` counted once)."""

@@ -1,12 +1,22 @@
-"""Matplotlib figures written reproducibly: headless, atomic, no timestamps or version stamps."""
+"""The figures: training curves and the test split's confusion matrix, ROC and precision-recall.
+
+Written reproducibly: headless, atomic, no timestamps or version stamps; PNGs render offline
+(unlike ``dvc plots show``'s Vega HTML).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
+import pandas as pd
+from sklearn import metrics as skm
+
+from gpt2lab.dataset import CLASS_NAMES
 
 matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
@@ -37,3 +47,52 @@ def save_figure(fig, *paths: str | Path) -> list[Path]:
     finally:
         plt.close(fig)
     return written
+
+
+def save_train_plots(table: pd.DataFrame, plots_dir: str | Path) -> list[Path]:
+    """``loss-plot.pdf`` / ``accuracy-plot.pdf`` (the reference's names) and ``loss.png`` / ``accuracy.png``.
+
+    Like the reference, each plot has a second x-axis with the number of examples seen.
+    """
+    plots_dir = Path(plots_dir)
+    written = []
+    per_step = table.examples_seen.iloc[-1] / table.step.iloc[-1] if len(table) and table.step.iloc[-1] else 0
+    for column, name in (("loss", "loss"), ("acc", "accuracy")):
+        fig, ax = subplots(figsize=(5, 3))
+        ax.plot(table.step, table[f"train_{column}"], label=f"Training {name}")
+        ax.plot(table.step, table[f"val_{column}"], linestyle="-.", label=f"Validation {name}")
+        ax.set_xlabel("Step")
+        ax.set_ylabel(name.capitalize())
+        ax.legend()
+        if per_step:
+            top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda e: e / per_step))
+            top.set_xlabel("Examples seen")
+        # The reference's PDF names, plus PNGs that `dvc plots show` renders offline.
+        written += save_figure(fig, plots_dir / f"{name}-plot.pdf", plots_dir / f"{name}.png")
+    return written
+
+
+def save_eval_plots(labels: Sequence[int], probs: Sequence[float], out_dir: str | Path, threshold: float = 0.5) -> list[Path]:
+    """Confusion matrix, ROC and precision-recall as PNGs (they render offline, unlike vega HTML)."""
+    out_dir = Path(out_dir)
+    y, p = np.asarray(labels), np.asarray(probs)
+    paths = []
+
+    fig, ax = subplots(figsize=(4, 4))
+    skm.ConfusionMatrixDisplay.from_predictions(
+        y, (p >= threshold).astype(int), labels=[0, 1], display_labels=CLASS_NAMES, ax=ax, colorbar=False
+    )
+    ax.set_title("Confusion matrix (test)")
+    paths += save_figure(fig, out_dir / "confusion_matrix.png")
+
+    fig, ax = subplots(figsize=(4, 4))
+    skm.RocCurveDisplay.from_predictions(y, p, ax=ax, name="gpt2lab")
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    ax.set_title("ROC (test)")
+    paths += save_figure(fig, out_dir / "roc.png")
+
+    fig, ax = subplots(figsize=(4, 4))
+    skm.PrecisionRecallDisplay.from_predictions(y, p, ax=ax, name="gpt2lab")
+    ax.set_title("Precision-recall (test)")
+    paths += save_figure(fig, out_dir / "precision_recall.png")
+    return paths

@@ -31,7 +31,9 @@ from typing import Any
 
 import pandas as pd
 
-from gpt2lab.classifier import Classifier, InvalidTextError
+from gpt2lab.classifier_io import read_classifier_meta
+from gpt2lab.fileio import write_atomic
+from gpt2lab.inference import Classifier, InvalidTextError
 from gpt2lab.tokenizer import _ranks_path
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,8 @@ MODEL_CODE = Path(__file__).with_name("serving_model.py")
 PACKAGE_DIR = Path(__file__).parent
 INPUT_COLUMN = "text"
 INPUT_EXAMPLE = ["You won $1000! Claim now.", "see you at lunch?"]
-# What `import gpt2lab.classifier` needs at serving time (mlflow itself serves the model).
-REQUIREMENTS = ("torch", "numpy", "pandas", "safetensors", "tiktoken", "PyYAML", "requests", "tqdm", "mlflow")
+# What `import gpt2lab.inference` needs at serving time (mlflow itself serves the model).
+REQUIREMENTS = ("torch", "numpy", "pandas", "safetensors", "tiktoken", "PyYAML", "requests", "filelock", "tqdm", "mlflow")
 
 
 class SpamPyfunc:
@@ -95,8 +97,6 @@ def _texts(model_input: Any) -> list[Any]:
 
 def _seed_tokenizer_cache(ranks: Path) -> None:
     """Put the shipped BPE ranks where :mod:`gpt2lab.tokenizer` looks first, if nothing is there yet."""
-    from gpt2lab.download import write_atomic
-
     target = _ranks_path()
     if not target.is_file() and ranks.is_file():
         write_atomic(target, ranks.read_bytes())  # the tokenizer verifies its sha256 on load
@@ -150,8 +150,6 @@ def log_model(
         precision, batch_size, threshold: how the served model classifies (its model config).
     """
     import mlflow
-
-    from gpt2lab.classifier import read_classifier_meta
 
     classifier_dir = Path(classifier_dir).resolve()
     if base_dir is None:

@@ -16,8 +16,8 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from gpt2lab.download import DownloadError, cache_dir, fetch_cached
 from gpt2lab.errors import Gpt2labError
+from gpt2lab.fetch import DownloadError, cache_dir, fetch_cached
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,13 @@
 """Fine-tuning loop of the spam classifier: seeded, resumable, bf16 autocast on CPU.
 
-:func:`train_classifier` loads the base checkpoint and the prepared splits, trains in the
-mode ``train.mode`` and saves only what was trained (see :mod:`gpt2lab.classifier`). It
-returns a dict with the final ``metrics`` and the ``history`` of per-step losses and of
-the periodic train/validation estimates; it prints nothing (a tqdm bar when ``progress``).
-:func:`write_outputs` turns that dict into the metrics JSON, the curve TSV and the plots.
-Its resumable checkpoint outlives it: the caller removes it with :func:`remove_checkpoint`
-once everything that uses the run is done (the train stage: after logging to MLflow), so a
-kill in between resumes at the last step instead of training again from step 0.
+:func:`train_classifier` runs the three parts: :func:`setup` (load the base checkpoint and the
+prepared splits, build the model for ``train.mode``, resume from a checkpoint when one belongs
+to this run), :func:`run_epoch` (the optimizer steps of one epoch, estimates and checkpoints
+along the way) and :func:`finish` (final train/validation scores, save only what was trained;
+see :mod:`gpt2lab.classifier_io`). It returns the final ``metrics`` and the ``history`` of
+per-step losses and of the periodic train/validation estimates; it prints nothing (a tqdm bar
+when ``progress``). :func:`write_outputs` turns that into the metrics JSON, the curve TSVs and
+the plots. The resumable checkpoint outlives the run (see :mod:`gpt2lab.resume`).
 
 Why it is fast on a CPU: batches are padded per batch (and bucketed by length), the
 50257-wide LM head is never computed, frozen weights are cast to bf16 once instead of on
@@ -19,8 +19,6 @@ CPU flash attention on short messages), and AdamW runs fused.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -28,6 +26,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,23 +36,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from gpt2lab.classifier import SpamClassifier, autocast, build_classifier, save_classifier
-from gpt2lab.config import LoRAParams, TrainParams
-from gpt2lab.data import Batch, SpamDataset, collate, make_loader
-from gpt2lab.download import sha256_file, write_atomic
+from gpt2lab.batching import Batch, SpamDataset, collate, make_loader
+from gpt2lab.checkpoint import read_config
+from gpt2lab.classifier import SpamClassifier, build_classifier, cast_frozen_linears
+from gpt2lab.classifier_io import save_classifier
+from gpt2lab.devices import autocast
 from gpt2lab.errors import Gpt2labError
-from gpt2lab.lora import LoRAConfig, LoRALinear
-from gpt2lab.weights import read_config
+from gpt2lab.fileio import write_atomic
+from gpt2lab.lora import LoRAConfig
+from gpt2lab.params import LoRAParams, TrainParams
+from gpt2lab.plots import save_train_plots
+from gpt2lab.resume import CHECKPOINT_FILE, Checkpointer, fingerprint
 
 log = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 32  # final full-split evaluation: no gradients, so larger batches are free
-CHECKPOINT_FILE = "checkpoint.pt"
 CURVE_COLUMNS = ["step", "epoch", "examples_seen", "train_loss", "val_loss", "train_acc", "val_acc"]
-# Settings that do not change the result: a checkpoint written under other values still resumes.
-NOT_FINGERPRINTED = ("resume", "checkpoint_every", "num_threads")
+STEP_COLUMNS = ["step", "epoch", "loss", "lr"]
 
 Callback = Callable[[str, dict[str, Any]], None]
 
@@ -91,25 +93,6 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     ]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=lr, fused=True)
-
-
-def cast_frozen_linears(model: SpamClassifier, dtype: torch.dtype) -> int:
-    """Store frozen linear weights of the transformer blocks in ``dtype`` (bf16 for autocast).
-
-    Autocast casts fp32 weights to bf16 on every call and only caches the cast of trainable
-    leaves; a frozen weight stored in bf16 gives the same result without that copy. Returns
-    the number of tensors cast. Embeddings and layer norms stay fp32 (the residual stream
-    stays fp32 under autocast), and ``lm_head`` is skipped because it is tied to ``wte``.
-    """
-    count = 0
-    for module in model.body.h.modules():
-        if isinstance(module, (nn.Linear, LoRALinear)):
-            for name in ("weight", "bias"):
-                p = getattr(module, name)
-                if p is not None and not p.requires_grad and p.dtype != dtype:
-                    p.data = p.data.to(dtype)
-                    count += 1
-    return count
 
 
 def fixed_batches(dataset: SpamDataset, n: int | None, batch_size: int, seed: int) -> list[Batch]:
@@ -166,68 +149,219 @@ def train_step(
     return loss.item()
 
 
-def _fingerprint(lora: LoRAParams, train: TrainParams, seed: int, base_sha256: str, data_files: list[Path]) -> str:
-    """Hash of everything that determines the result: a checkpoint resumes only into the same run."""
-    train_dict = {k: v for k, v in dataclasses.asdict(train).items() if k not in NOT_FINGERPRINTED}
-    spec = {
-        "lora": dataclasses.asdict(lora) if train.mode == "lora" else None,
-        "train": train_dict,
-        "seed": seed,
-        "base": base_sha256,
-        "data": [sha256_file(f) for f in data_files],
-    }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=list).encode()).hexdigest()
-
-
-# --- checkpoints --------------------------------------------------------------------------
-def _checkpoint_tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write a resumable checkpoint atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _checkpoint_tmp(path)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` if it belongs to this run (same fingerprint), else None."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
-    except Exception as err:  # noqa: BLE001 - a torn or foreign file: start over, do not crash
-        log.warning("ignoring unreadable checkpoint %s (%s); training from the start", path, err)
-        return None
-    if state.get("fingerprint") != fingerprint:
-        log.info("checkpoint %s is from other params, base or data; training from the start", path)
-        return None
-    return state
-
-
-def remove_checkpoint(checkpoint_dir: str | Path) -> None:
-    """Delete the resumable checkpoint in ``checkpoint_dir`` (and the folder, when left empty).
-
-    Call it only once the run's results are safe everywhere they go: until then a re-run
-    resumes from the checkpoint (the last one is taken at the final step) instead of step 0.
-    """
-    folder = Path(checkpoint_dir)
-    path = folder / CHECKPOINT_FILE
-    path.unlink(missing_ok=True)
-    _checkpoint_tmp(path).unlink(missing_ok=True)  # left by a kill while a checkpoint was written
-    with contextlib.suppress(OSError):  # absent, or holds other files: leave it
-        folder.rmdir()
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-# --- the loop -----------------------------------------------------------------------------
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint restores besides the tensors and the optimizer."""
+
+    step: int = 0
+    epoch: int = 0  # the epoch to run next (or being run)
+    batch_in_epoch: int = 0  # batches of ``epoch`` already done
+    examples_seen: int = 0
+    train_time: float = 0.0  # seconds inside optimizer steps
+    history: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {"steps": [], "eval": []})
+
+
+@dataclass
+class Run:
+    """Everything one training run holds between :func:`setup` and :func:`finish`."""
+
+    train: TrainParams
+    seed: int
+    base_dir: Path
+    base_meta: dict[str, Any]
+    lora: LoRAConfig | None
+    model: SpamClassifier
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: list[torch.Tensor]  # the trainable ones
+    train_ds: SpamDataset
+    val_ds: SpamDataset
+    estimate_batches: dict[str, list[Batch]]  # fixed subsets of train and validation
+    steps_per_epoch: int
+    checkpointer: Checkpointer | None
+    threads: int
+    progress: Progress = field(default_factory=Progress)
+    callback: Callback | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def total_steps(self) -> int:
+        return self.train.epochs * self.steps_per_epoch
+
+    def loader(self, epoch: int) -> DataLoader:
+        """The batches of ``epoch``, seeded by the epoch: a resumed run sees the same ones."""
+        t = self.train
+        return make_loader(self.train_ds, t.batch_size, shuffle=True, seed=self.seed + epoch, bucket=t.bucket)
+
+    def state(self) -> dict[str, Any]:
+        """The checkpoint's content (see :meth:`restore`)."""
+        p = self.progress
+        epoch, batch = (p.epoch + 1, 0) if p.batch_in_epoch == self.steps_per_epoch else (p.epoch, p.batch_in_epoch)
+        return {
+            "step": p.step, "epoch": epoch, "batch_in_epoch": batch, "examples_seen": p.examples_seen,
+            "train_time": p.train_time, "history": p.history,
+            "trainable": {n: q.detach().clone() for n, q in self.model.named_parameters() if q.requires_grad},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+        }  # fmt: skip
+
+    def restore(self, state: dict[str, Any]) -> None:
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state["trainable"].items():
+                named[name].copy_(tensor)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])  # dropout; batches come from per-epoch seeded loaders
+        self.progress = Progress(state["step"], state["epoch"], state["batch_in_epoch"], state["examples_seen"],
+                                 state["train_time"], state["history"])  # fmt: skip
+
+    def estimate(self) -> None:
+        """Train and validation loss and accuracy on the fixed subsets, into the history."""
+        p = self.progress
+        row: dict[str, Any] = {"step": p.step, "epoch": p.epoch + 1, "examples_seen": p.examples_seen}
+        for split, batches in self.estimate_batches.items():
+            row[f"{split}_loss"], row[f"{split}_acc"] = evaluate_batches(self.model, batches, self.train.precision)
+        row = {k: row[k] for k in CURVE_COLUMNS}
+        p.history["eval"].append(row)
+        if self.callback:
+            self.callback("eval", row)
+
+
+def setup(
+    base_dir: str | Path,
+    data_dir: str | Path,
+    lora: LoRAParams,
+    train: TrainParams,
+    seed: int,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    callback: Callback | None = None,
+) -> Run:
+    """Load base and data, build the model for ``train.mode``, and resume when a checkpoint belongs here."""
+    started = time.perf_counter()
+    data_dir, base_dir = Path(data_dir), Path(base_dir)
+    threads = train.num_threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    files = [data_dir / "train.csv", data_dir / "validation.csv"]
+    for f in files:
+        if not f.is_file():
+            raise TrainError(f"{f}: missing; run the prepare_data stage first (dvc repro prepare_data)")
+    base_meta = read_config(base_dir)
+    if not base_meta.get("pretrained", False):
+        log.warning("training on RANDOM base weights (%s): accuracy is a smoke check only", base_dir)
+
+    seed_everything(seed)
+    lora_cfg = LoRAConfig.from_params(lora) if train.mode == "lora" else None
+    model = build_classifier(base_dir, train.mode, lora_cfg, max_length=train.max_length)
+    trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
+    if train.precision == "bf16":
+        cast_frozen_linears(model, torch.bfloat16)
+    log.info("mode %s: %d trainable of %d parameters (%.2f%%)", train.mode, trainable, total, 100 * trainable / total)
+
+    train_ds = SpamDataset.from_csv(files[0], model.max_length)
+    val_ds = SpamDataset.from_csv(files[1], model.max_length)
+    n_est = train.eval_iter * train.batch_size
+    estimates = {name: fixed_batches(ds, n_est, train.batch_size, seed) for name, ds in (("train", train_ds),
+                                                                                      ("val", val_ds))}  # fmt: skip
+    steps_per_epoch = len(make_loader(train_ds, train.batch_size, shuffle=True, seed=seed, bucket=train.bucket))
+    total_steps = train.epochs * steps_per_epoch
+    optimizer = make_optimizer(model, train.lr, train.weight_decay)
+    factor = lambda step: lr_factor(  # noqa: E731
+        step, warmup_steps=train.warmup_steps, total_steps=total_steps, schedule=train.schedule
+    )
+    checkpointer = None
+    if checkpoint_dir is not None:
+        checkpointer = Checkpointer(
+            Path(checkpoint_dir) / CHECKPOINT_FILE, fingerprint(lora, train, seed, base_meta["sha256"], files),
+            train.checkpoint_every, steps_per_epoch, total_steps,
+        )  # fmt: skip
+    run = Run(
+        train=train, seed=seed, base_dir=base_dir, base_meta=base_meta, lora=lora_cfg, model=model,
+        optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
+        params=[p for p in model.parameters() if p.requires_grad], train_ds=train_ds, val_ds=val_ds,
+        estimate_batches=estimates, steps_per_epoch=steps_per_epoch, checkpointer=checkpointer,
+        threads=threads, callback=callback, started=started,
+    )  # fmt: skip
+    if checkpointer is not None and train.resume and (state := checkpointer.load()):
+        run.restore(state)
+        if run.progress.epoch < train.epochs:
+            log.info("resumed from %s at step %d (epoch %d)", checkpointer.path, run.progress.step, run.progress.epoch + 1)
+        else:  # stopped after training, e.g. while its results were logged: evaluate and save again
+            log.info("resumed from %s at step %d: training had finished; evaluating and saving",
+                     checkpointer.path, run.progress.step)  # fmt: skip
+    return run
+
+
+def run_epoch(run: Run, bar: tqdm | None = None) -> None:
+    """The optimizer steps of epoch ``run.progress.epoch`` (from its ``batch_in_epoch``-th batch on)."""
+    p, t = run.progress, run.train
+    skip = p.batch_in_epoch
+    run.model.train()
+    for i, batch in enumerate(run.loader(p.epoch)):
+        if i < skip:
+            continue
+        t0 = time.perf_counter()
+        lr = run.optimizer.param_groups[0]["lr"]
+        value = train_step(run.model, batch, run.optimizer, run.params, precision=t.precision, grad_clip=t.grad_clip)
+        run.scheduler.step()
+        p.train_time += time.perf_counter() - t0
+        p.step += 1
+        p.batch_in_epoch = i + 1
+        p.examples_seen += len(batch.labels)
+        if not math.isfinite(value):
+            raise TrainError(f"loss became {value} at step {p.step}; lower train.lr or use precision fp32")
+        record = {"step": p.step, "epoch": p.epoch + 1, "loss": value, "lr": lr}
+        p.history["steps"].append(record)
+        if run.callback:
+            run.callback("step", record)
+        if (p.step - 1) % t.eval_freq == 0 or p.step == run.total_steps:
+            run.estimate()  # leaves the model in training mode
+        if bar is not None:
+            last = p.history["eval"][-1] if p.history["eval"] else None
+            bar.set_postfix(loss=f"{value:.3f}", val_loss=f"{last['val_loss']:.3f}" if last else "-")
+            bar.update(1)
+        if run.checkpointer is not None and run.checkpointer.due(p.step, p.batch_in_epoch):
+            run.checkpointer.save(run.state())
+    p.epoch, p.batch_in_epoch = p.epoch + 1, 0
+
+
+def finish(run: Run, out_dir: str | Path) -> dict[str, Any]:
+    """Score the whole train and validation splits, save the classifier; the run's result."""
+    final = {}
+    for split, ds in (("train", run.train_ds), ("val", run.val_ds)):
+        batches = fixed_batches(ds, None, EVAL_BATCH_SIZE, run.seed)
+        final[f"{split}_loss"], final[f"{split}_accuracy"] = evaluate_batches(run.model, batches, run.train.precision)
+    t, p = run.train, run.progress
+    save_classifier(run.model, out_dir, mode=t.mode, base_dir=run.base_dir, lora=run.lora,
+                    extra={"train": {"epochs": t.epochs, "seed": run.seed, "precision": t.precision}})  # fmt: skip
+    trainable, total = run.model.num_parameters(trainable_only=True), run.model.num_parameters()
+    metrics = {
+        **final,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_fraction": trainable / total,
+        "examples_per_s": p.examples_seen / p.train_time if p.train_time else 0.0,
+        "train_time_s": p.train_time,
+        "wall_time_s": time.perf_counter() - run.started,
+        "epochs": t.epochs,
+        "steps": p.step,
+        "examples_seen": p.examples_seen,
+        "mode": t.mode,
+        "precision": t.precision,
+        "threads": run.threads,
+        "base_pretrained": bool(run.base_meta.get("pretrained", False)),
+    }
+    log.info("trained in %.0f s: val accuracy %.4f", metrics["wall_time_s"], metrics["val_accuracy"])
+    return {"metrics": metrics, "history": p.history, "out_dir": str(out_dir)}
+
+
 def train_classifier(
     base_dir: str | Path,
     data_dir: str | Path,
@@ -250,8 +384,8 @@ def train_classifier(
         checkpoint_dir: where resumable checkpoints go (every ``train.checkpoint_every`` steps,
             0 = each epoch, and always at the final step); None disables them. A run resumes
             from one when ``train.resume`` and the params, base and data are the same. The
-            checkpoint is kept after training: call :func:`remove_checkpoint` once the results
-            are safe (saved, logged), so a kill before that resumes at the final step.
+            checkpoint is kept after training: call :func:`gpt2lab.resume.remove_checkpoint`
+            once the results are safe, so a kill before that resumes at the final step.
         progress: show a tqdm bar with the live loss.
         callback: ``callback(kind, record)`` after each optimizer step (``"step"``) and each
             train/validation estimate (``"eval"``), e.g. to log to a tracker while training.
@@ -259,147 +393,13 @@ def train_classifier(
     Returns:
         ``{"metrics": {...}, "history": {"steps": [...], "eval": [...]}, "out_dir": str}``.
     """
-    t_start = time.perf_counter()
-    data_dir, base_dir = Path(data_dir), Path(base_dir)
-    threads = train.num_threads or len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
-    files = [data_dir / "train.csv", data_dir / "validation.csv"]
-    for f in files:
-        if not f.is_file():
-            raise TrainError(f"{f}: missing; run the prepare_data stage first (dvc repro prepare_data)")
-    base_meta = read_config(base_dir)
-    if not base_meta.get("pretrained", False):
-        log.warning("training on RANDOM base weights (%s): accuracy is a smoke check only", base_dir)
-
-    seed_everything(seed)
-    lora_cfg = LoRAConfig.from_params(lora) if train.mode == "lora" else None
-    model = build_classifier(base_dir, train.mode, lora_cfg, max_length=train.max_length)
-    trainable = model.num_parameters(trainable_only=True)
-    total = model.num_parameters()
-    if train.precision == "bf16":
-        cast_frozen_linears(model, torch.bfloat16)
-    log.info("mode %s: %d trainable of %d parameters (%.2f%%)", train.mode, trainable, total, 100 * trainable / total)
-
-    train_ds = SpamDataset.from_csv(files[0], model.max_length)
-    val_ds = SpamDataset.from_csv(files[1], model.max_length)
-    n_est = train.eval_iter * train.batch_size
-    est_train = fixed_batches(train_ds, n_est, train.batch_size, seed)
-    est_val = fixed_batches(val_ds, n_est, train.batch_size, seed)
-    # One loader per epoch, seeded by the epoch: a resumed run sees the same batches.
-    loader_for = lambda epoch: make_loader(  # noqa: E731
-        train_ds, train.batch_size, shuffle=True, seed=seed + epoch, bucket=train.bucket
-    )
-    steps_per_epoch = len(loader_for(0))
-    total_steps = train.epochs * steps_per_epoch
-
-    optimizer = make_optimizer(model, train.lr, train.weight_decay)
-    factor = lambda step: lr_factor(  # noqa: E731
-        step, warmup_steps=train.warmup_steps, total_steps=total_steps, schedule=train.schedule
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    history: dict[str, list[dict[str, Any]]] = {"steps": [], "eval": []}
-    step, start_epoch, skip, examples_seen, train_time = 0, 0, 0, 0, 0.0
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
-    fingerprint = _fingerprint(lora, train, seed, base_meta["sha256"], files) if ckpt_path else ""
-    if ckpt_path is not None and train.resume and (state := load_checkpoint(ckpt_path, fingerprint)):
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in state["trainable"].items():
-                named[name].copy_(tensor)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])  # dropout; batches come from per-epoch seeded loaders
-        step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
-        examples_seen, train_time, history = state["examples_seen"], state["train_time"], state["history"]
-        if start_epoch < train.epochs:
-            log.info("resumed from %s at step %d (epoch %d)", ckpt_path, step, start_epoch + 1)
-        else:  # stopped after training, e.g. while its results were logged: evaluate and save again
-            log.info("resumed from %s at step %d: training had finished; evaluating and saving", ckpt_path, step)
-
-    def estimate(epoch: int) -> None:
-        train_loss, train_acc = evaluate_batches(model, est_train, train.precision)
-        val_loss, val_acc = evaluate_batches(model, est_val, train.precision)
-        row = {"step": step, "epoch": epoch + 1, "examples_seen": examples_seen, "train_loss": train_loss,
-               "val_loss": val_loss, "train_acc": train_acc, "val_acc": val_acc}  # fmt: skip
-        history["eval"].append(row)
-        if callback:
-            callback("eval", row)
-
-    def checkpoint(epoch: int, batch_in_epoch: int) -> None:
-        if ckpt_path is None:
-            return
-        if batch_in_epoch == steps_per_epoch:  # a finished epoch resumes at the next one's start
-            epoch, batch_in_epoch = epoch + 1, 0
-        trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        save_checkpoint(ckpt_path, {
-            "fingerprint": fingerprint, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-            "examples_seen": examples_seen, "train_time": train_time, "history": history,
-            "trainable": trained, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-        })  # fmt: skip
-
-    model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, desc=f"train ({train.mode})", unit="step")
-    smooth: float | None = None
-    try:
-        for epoch in range(start_epoch, train.epochs):
-            for i, batch in enumerate(loader_for(epoch)):
-                if epoch == start_epoch and i < skip:
-                    continue
-                t0 = time.perf_counter()
-                lr = optimizer.param_groups[0]["lr"]
-                value = train_step(
-                    model, batch, optimizer, params, precision=train.precision, grad_clip=train.grad_clip
-                )
-                scheduler.step()
-                train_time += time.perf_counter() - t0
-                step += 1
-                examples_seen += len(batch.labels)
-                if not math.isfinite(value):
-                    raise TrainError(f"loss became {value} at step {step}; lower train.lr or use precision fp32")
-                record = {"step": step, "epoch": epoch + 1, "loss": value, "lr": lr}
-                history["steps"].append(record)
-                if callback:
-                    callback("step", record)
-                if (step - 1) % train.eval_freq == 0 or step == total_steps:
-                    estimate(epoch)
-                smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
-                last = history["eval"][-1] if history["eval"] else None
-                bar.set_postfix(loss=f"{smooth:.3f}", val_loss=f"{last['val_loss']:.3f}" if last else "-")
-                bar.update(1)
-                every = train.checkpoint_every
-                # The final step always: a kill after training (saving, logging) then costs no steps.
-                if step == total_steps or (every and step % every == 0) or (not every and i + 1 == steps_per_epoch):
-                    checkpoint(epoch, i + 1)
-    finally:
-        bar.close()
-
-    final = {}
-    for split, ds in (("train", train_ds), ("val", val_ds)):
-        loss_value, acc = evaluate_batches(model, fixed_batches(ds, None, EVAL_BATCH_SIZE, seed), train.precision)
-        final[f"{split}_loss"], final[f"{split}_accuracy"] = loss_value, acc
-    save_classifier(model, out_dir, mode=train.mode, base_dir=base_dir, lora=lora_cfg,
-                    extra={"train": {"epochs": train.epochs, "seed": seed, "precision": train.precision}})  # fmt: skip
-    metrics = {
-        **final,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_fraction": trainable / total,
-        "examples_per_s": examples_seen / train_time if train_time else 0.0,
-        "train_time_s": train_time,
-        "wall_time_s": time.perf_counter() - t_start,
-        "epochs": train.epochs,
-        "steps": step,
-        "examples_seen": examples_seen,
-        "mode": train.mode,
-        "precision": train.precision,
-        "threads": threads,
-        "base_pretrained": bool(base_meta.get("pretrained", False)),
-    }
-    log.info("trained in %.0f s: val accuracy %.4f", metrics["wall_time_s"], metrics["val_accuracy"])
-    return {"metrics": metrics, "history": history, "out_dir": str(out_dir)}
+    run = setup(base_dir, data_dir, lora, train, seed, checkpoint_dir=checkpoint_dir, callback=callback)
+    bar = tqdm(total=run.total_steps, initial=run.progress.step, disable=not progress, desc=f"train ({train.mode})",
+               unit="step")  # fmt: skip
+    with bar:
+        while run.progress.epoch < train.epochs:
+            run_epoch(run, bar)
+    return finish(run, out_dir)
 
 
 # --- outputs ------------------------------------------------------------------------------
@@ -408,39 +408,23 @@ def curve_table(history: dict[str, list[dict[str, Any]]]) -> pd.DataFrame:
     return pd.DataFrame(history["eval"], columns=CURVE_COLUMNS)
 
 
+def _tsv(table: pd.DataFrame) -> str:
+    return table.to_csv(sep="\t", index=False, lineterminator="\n", float_format="%.6g")
+
+
 def write_outputs(
-    result: dict[str, Any], metrics_file: str | Path, curve_file: str | Path, plots_dir: str | Path
+    result: dict[str, Any],
+    metrics_file: str | Path,
+    curve_file: str | Path,
+    plots_dir: str | Path,
+    steps_file: str | Path | None = None,
 ) -> list[Path]:
-    """Write the metrics JSON, the curve TSV and the plots (PDF as in the reference, PNG for ``dvc plots``)."""
-    metrics_file, curve_file = Path(metrics_file), Path(curve_file)
+    """Write the metrics JSON, the curve TSV (and the per-step TSV), and the plots."""
     written = [write_atomic(metrics_file, json.dumps(result["metrics"], indent=2, sort_keys=True) + "\n")]
     table = curve_table(result["history"])
-    tsv = table.to_csv(sep="\t", index=False, lineterminator="\n", float_format="%.6g")
-    written.append(write_atomic(curve_file, tsv))
-    written += save_plots(table, plots_dir)
-    return written
-
-
-def save_plots(table: pd.DataFrame, plots_dir: str | Path) -> list[Path]:
-    """``loss-plot.pdf`` / ``accuracy-plot.pdf`` (the reference's names) and ``loss.png`` / ``accuracy.png``.
-
-    Like the reference, each plot has a second x-axis with the number of examples seen.
-    """
-    from gpt2lab.plots import save_figure, subplots
-
-    plots_dir = Path(plots_dir)
-    written = []
-    per_step = table.examples_seen.iloc[-1] / table.step.iloc[-1] if len(table) and table.step.iloc[-1] else 0
-    for column, name in (("loss", "loss"), ("acc", "accuracy")):
-        fig, ax = subplots(figsize=(5, 3))
-        ax.plot(table.step, table[f"train_{column}"], label=f"Training {name}")
-        ax.plot(table.step, table[f"val_{column}"], linestyle="-.", label=f"Validation {name}")
-        ax.set_xlabel("Step")
-        ax.set_ylabel(name.capitalize())
-        ax.legend()
-        if per_step:
-            top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda e: e / per_step))
-            top.set_xlabel("Examples seen")
-        # The reference's PDF names, plus PNGs that `dvc plots show` renders offline.
-        written += save_figure(fig, plots_dir / f"{name}-plot.pdf", plots_dir / f"{name}.png")
+    written.append(write_atomic(curve_file, _tsv(table)))
+    if steps_file is not None:
+        steps = pd.DataFrame(result["history"]["steps"], columns=STEP_COLUMNS)
+        written.append(write_atomic(steps_file, _tsv(steps)))
+    written += save_train_plots(table, plots_dir)
     return written

@@ -1,16 +1,19 @@
-"""gpt2lab.Classifier: batched, order-keeping inference with defined behaviour on awkward input."""
+"""The Classifier API: answers in input order, defined behaviour for awkward input."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import gpt2lab
-from gpt2lab.classifier import Classifier, ClassifierError, InvalidTextError, classify_review
+from gpt2lab.classifier import ClassifierError
 from gpt2lab.errors import Gpt2labError
+from gpt2lab.inference import Classifier, InvalidTextError, classify_review
 from gpt2lab.tokenizer import EOT_TOKEN, decode, encode
-from tests.classify_helpers import MESSAGES, make_classifier
+from tests.helpers import FEW, MESSAGES, SOME, TEXT, make_classifier
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +148,45 @@ def test_classify_review_truncates_to_max_length(clf):
     got = [classify_review(MESSAGES[3], clf, max_length=k) for k in range(1, len(ids) + 1)]
     assert got == expected
     assert clf.max_length == clf.model.max_length == 64  # the shared model is untouched
+
+
+
+# --- tokenizer -----------------------------------------------------------------------------------
+
+
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=12))
+MESSAGE_LISTS = st.lists(st.one_of(TEXT, st.text(st.characters(), max_size=30)), max_size=7)
+
+
+@SOME
+@given(texts=MESSAGE_LISTS)
+def test_classify_any_list_of_strings(clf, texts):
+    results = clf.classify(texts)
+    assert len(results) == len(texts)
+    probs = np.array([r["probability"] for r in results])
+    assert np.all((probs >= 0) & (probs <= 1))
+    assert [r["label"] for r in results] == ["spam" if p >= clf.threshold else "ham" for p in probs]
+    alone = [clf.predict_proba([t])[0] for t in texts]
+    np.testing.assert_allclose(probs, alone, rtol=0, atol=1e-5)  # batch, padding and order do not matter
+
+
+NOT_STRINGS = st.one_of(
+    st.none(), st.integers(), st.floats(), st.booleans(), st.binary(max_size=5),
+    st.lists(st.text(max_size=3), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=1),
+)  # fmt: skip
+
+
+@FEW
+@given(before=st.lists(st.text(max_size=10), max_size=3), bad=NOT_STRINGS, after=st.lists(SCALARS, max_size=3))
+def test_first_non_string_is_refused_by_position(clf, before, bad, after):
+    texts = [*before, bad, *after]
+    with pytest.raises(InvalidTextError, match=rf"^message {len(before)} is {type(bad).__name__} "):
+        clf.classify(texts)
+
+
+@FEW
+@given(value=st.one_of(st.text(max_size=10), st.binary(max_size=5), st.integers(), st.none()))
+def test_not_a_list_is_refused(clf, value):
+    with pytest.raises(InvalidTextError, match="expected a list"):
+        clf.classify(value)

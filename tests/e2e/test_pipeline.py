@@ -1,10 +1,10 @@
-"""The DVC pipeline: dvc.yaml/dvc.lock/params checks (fast), and end to end in a temporary clone
-with real DVC and MLflow (slow): smoke run, no-op repro, a param experiment, queued experiments,
-and the run read back through MLflow's REST API."""
+"""The DVC pipeline end to end in a temporary clone with real DVC and MLflow: an offline repro, the
+smoke profile twice (the second restores every stage from DVC's run-cache), a no-op repro, what
+`dvc status` lists after a code or param change, a param experiment, then the smoke profile
+again (restored, not retrained), queued experiments, and the runs read back through MLflow's REST API."""
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
@@ -19,141 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpt2lab import pipeline
-from gpt2lab.config import ParamsError
-from gpt2lab.tracking import Pipeline
-
-ROOT = Path(__file__).resolve().parents[1]
-PKG = ROOT / "src" / "gpt2lab"
-STAGES = ("download_data", "prepare_data", "fetch_weights", "train", "evaluate", "generate")
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = ("download_data", "prepare_data", "fetch_weights", "generate", "train", "evaluate", "track")
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
-
-
-# --------------------------------------------------------------------------- static checks
-
-
-def _module_file(module: str) -> Path:
-    return PKG / "__init__.py" if module == "gpt2lab" else PKG / f"{module.split('.', 1)[1].replace('.', '/')}.py"
-
-
-def _top_level_imports(path: Path) -> set[str]:
-    """gpt2lab modules imported when ``path`` is imported (not inside functions or classes)."""
-    found: set[str] = set()
-    stack = list(ast.parse(path.read_text()).body)
-    while stack:
-        node = stack.pop()
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            continue
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.split(".")[0] == "gpt2lab"}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "gpt2lab":
-            found.add(node.module)
-            if node.module == "gpt2lab":  # `from gpt2lab import tracking`
-                found |= {f"gpt2lab.{a.name}" for a in node.names if _module_file(f"gpt2lab.{a.name}").exists()}
-        else:
-            stack.extend(ast.iter_child_nodes(node))
-    return found
-
-
-def import_closure(script: Path) -> set[str]:
-    """Repository paths of the gpt2lab modules that importing ``script`` loads (packages included)."""
-    seen: set[str] = set()
-    todo = list(_top_level_imports(script))
-    while todo:
-        parts = todo.pop().split(".")
-        for i in range(1, len(parts) + 1):
-            module = ".".join(parts[:i])
-            if module not in seen:
-                seen.add(module)
-                todo.extend(_top_level_imports(_module_file(module)))
-    return {_module_file(m).relative_to(ROOT).as_posix() for m in seen}
-
-
-def _loaded_sections(script: Path) -> set[str]:
-    """The ``sections=[...]`` the script passes to ``load_params``."""
-    for node in ast.walk(ast.parse(script.read_text())):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "load_params":
-            for kw in node.keywords:
-                if kw.arg == "sections":
-                    return set(ast.literal_eval(kw.value))
-    raise AssertionError(f"{script} does not call load_params(sections=[...])")
-
-
-def test_stages_are_the_six_thin_scripts() -> None:
-    assert set(DVC_YAML["stages"]) == set(STAGES)
-    for name, stage in DVC_YAML["stages"].items():
-        assert stage["cmd"] == f"python stages/{name}.py"
-        assert f"stages/{name}.py" in stage["deps"]
-        assert len((ROOT / f"stages/{name}.py").read_text().splitlines()) < 40
-
-
-@pytest.mark.parametrize("name", STAGES)
-def test_deps_list_the_library_code_the_stage_imports(name: str) -> None:
-    """Module-level imports, followed through the package; the slow test adds what runs lazily."""
-    deps = set(DVC_YAML["stages"][name]["deps"])
-    missing = import_closure(ROOT / f"stages/{name}.py") - deps
-    assert not missing, f"dvc.yaml stage {name} lacks deps {sorted(missing)}"
-
-
-@pytest.mark.parametrize("name", STAGES)
-def test_params_deps_are_the_sections_the_stage_validates(name: str) -> None:
-    script = ROOT / f"stages/{name}.py"
-    declared = set(DVC_YAML["stages"][name]["params"])
-    assert declared - {"seed"} == _loaded_sections(script) - {"tracking"}
-    assert ("seed" in declared) == ("params.seed" in script.read_text())
-
-
-def test_metrics_and_plots_are_uncached_stage_outputs() -> None:
-    uncached = {
-        path
-        for stage in DVC_YAML["stages"].values()
-        for out in stage["outs"]
-        if isinstance(out, dict)
-        for path, opts in out.items()
-        if opts.get("cache") is False
-    }
-    pipe = Pipeline.load(ROOT)
-    for path in (*pipe.metrics, *pipe.plots):
-        assert any(path == out or path.startswith(out + "/") for out in uncached), path
-    assert set(pipe.metrics) == {f"metrics/{n}.json" for n in ("data", "train", "eval", "generate")}
-
-
-def test_lock_matches_the_committed_params() -> None:
-    """dvc.lock records only runs made with params.yaml as it is (never a smoke or experiment lock)."""
-    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
-    assert {"download_data", "prepare_data"} <= set(lock)
-    for name, entry in lock.items():
-        assert entry["cmd"] == DVC_YAML["stages"][name]["cmd"]
-        recorded = entry.get("params", {}).get("params.yaml", {})
-        assert set(recorded) == set(DVC_YAML["stages"][name]["params"]), name
-        for key, value in recorded.items():
-            assert value == PARAMS[key], f"dvc.lock's {name} ran with other {key} params"
-
-
-def test_override_values_in_dvc_set_param_syntax() -> None:
-    assert pipeline.override_value("random") == "random"
-    assert pipeline.override_value(2) == "2" and pipeline.override_value(None) == "null"
-    assert pipeline.override_value(True) == "true" and pipeline.override_value(1e-4) == "0.0001"
-    assert pipeline.override_value("null") == "'null'"  # the string, not None
-    assert pipeline.override_value("it's a=b") == "'it\\'s a=b'"
-    assert pipeline.override_value(["attn.c_attn", "mlp.c_fc"]) == "[attn.c_attn,mlp.c_fc]"
-
-
-def test_smoke_profile_is_valid_and_runs_in_a_temporary_copy() -> None:
-    cmd = pipeline.smoke_command(ROOT, ["-n", "x"])
-    assert cmd[1:6] == ["-m", "dvc", "exp", "run", "--temp"] and cmd[-2:] == ["-n", "x"]
-    overrides = pipeline.load_overrides(ROOT / pipeline.SMOKE_FILE, ROOT / "params.yaml")
-    assert overrides["weights.source"] == "random" and overrides["train.epochs"] == 1
-    assert "-S" in cmd and "weights.source=random" in cmd
-    # The data stages keep the committed params, so the smoke run shares their lock and cache.
-    assert not [k for k in overrides if k.split(".")[0] in ("data", "seed")]
-
-
-def test_smoke_profile_rejects_a_bad_key(tmp_path: Path) -> None:
-    (tmp_path / "smoke.yaml").write_text("lora:\n  rnak: 4\n")
-    with pytest.raises(ParamsError, match=r"smoke\.yaml: lora\.rnak: unknown key"):
-        pipeline.load_overrides(tmp_path / "smoke.yaml", ROOT / "params.yaml")
+RESULT_NEUTRAL = {"src/gpt2lab/__init__.py", "src/gpt2lab/errors.py", "src/gpt2lab/stage.py"}
+MODEL_STAGES = {name for name, stage in DVC_YAML["stages"].items() if "src/gpt2lab/model.py" in stage["deps"]}
 
 
 # --------------------------------------------------------------------------- end to end
@@ -214,6 +84,14 @@ class Repo:
     def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.run(sys.executable, "-m", "dvc", *args, check=check)
 
+    def smoke(self, name: str, *args: str) -> str:
+        done = self.run(sys.executable, "-m", "gpt2lab.cli", "smoke", "-n", name, *args)
+        return done.stdout + done.stderr
+
+    def status(self) -> dict:
+        """``dvc status --json``: the stages whose deps, params or outputs changed."""
+        return json.loads(self.dvc("status", "--json").stdout or "{}")
+
     def runs(self) -> dict[str, object]:
         """MLflow runs of the gpt2lab experiment by name (names are unique in this scenario)."""
         import mlflow
@@ -253,19 +131,35 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict:
     # Offline with the committed params: fetch_weights cannot download GPT-2.
     s["offline"] = repo.dvc("repro", "fetch_weights", check=False)
 
-    smoke = repo.run(sys.executable, "-m", "gpt2lab.cli", "smoke", "-n", "smoke-base")
-    s["smoke"] = smoke.stdout + smoke.stderr
+    s["smoke"] = repo.smoke("smoke-base")
     s["workspace_unchanged"] = all((repo.root / f).read_bytes() == b for f, b in committed.items())
     s["git_status"] = repo.run("git", "status", "--porcelain").stdout
     s["runs_after_smoke"] = set(repo.runs())
+    s["smoke_again"] = repo.smoke("smoke-again")  # the same experiment: DVC restores every stage
+    s["runs_after_smoke_again"] = set(repo.runs())
 
     repo.dvc("exp", "apply", "smoke-base")
     again = repo.dvc("repro")
     s["repro_again"] = again.stdout + again.stderr
     s["runs_after_repro"] = set(repo.runs())
 
+    # What `dvc status` lists after a code change, and after result-neutral params.
+    model = repo.root / "src/gpt2lab/model.py"
+    source = model.read_text()
+    model.write_text(source + "\n# an edit\n")
+    s["status_model"] = repo.status()
+    model.write_text(source)
+    params = (repo.root / "params.yaml").read_text()
+    edited = yaml.safe_load(params)
+    edited["data"]["timeout_s"], edited["train"]["num_threads"] = 60, 1
+    (repo.root / "params.yaml").write_text(yaml.safe_dump(edited))
+    s["status_neutral"] = repo.status()
+    (repo.root / "params.yaml").write_text(params)
+
     rank4 = repo.dvc("exp", "run", "-S", "lora.rank=4", "-n", "rank4")
     s["rank4"] = rank4.stdout + rank4.stderr
+    # The workspace now holds rank 4 (dvc.lock too); rank 16 again is smoke-base: restored, not trained.
+    s["back_to_16"] = repo.smoke("back-to-16", "-S", "lora.rank=16")
 
     # The user keeps that result (commit), then queues variations of it.
     repo.run("git", "add", "-A")
@@ -294,12 +188,21 @@ def test_smoke_runs_the_whole_dag_offline_as_an_experiment(scenario: dict) -> No
     assert scenario["workspace_unchanged"] and scenario["git_status"] == ""
     run = scenario["runs"]["smoke-base"]
     assert run.info.status == "FINISHED"
-    assert set(run.data.tags["gpt2lab.stages"].split(",")) == set(STAGES)
     assert run.data.tags["dvc.exp_name"] == "smoke-base" and len(run.data.tags["mlflow.source.git.commit"]) == 40
+    assert run.data.tags["gpt2lab.git_dirty"] == "false" and run.data.tags["base.pretrained"] == "false"
     assert run.data.params["weights.source"] == "random" and run.data.params["model.n_layer"] == "2"
     assert {"eval/test.accuracy", "train/val_accuracy", "data/train.rows", "generate/tokens_per_s",
             "train_loss", "val_loss", "step/loss"} <= set(run.data.metrics)  # fmt: skip
     assert run.outputs.model_outputs, "the trained classifier is logged as a model"
+
+
+@pytest.mark.slow
+def test_the_same_smoke_again_runs_no_stage_and_logs_no_run(scenario: dict) -> None:
+    out = scenario["smoke_again"]
+    assert _executed(out) == set(), out
+    restored = set(re.findall(r"Stage '(\w+)' is cached", out)) | set(re.findall(r"Stage '(\w+)' didn't change", out))
+    assert restored == set(STAGES), out
+    assert scenario["runs_after_smoke_again"] == scenario["runs_after_smoke"]
 
 
 @pytest.mark.slow
@@ -311,14 +214,27 @@ def test_second_repro_of_the_same_params_runs_nothing(scenario: dict) -> None:
 
 
 @pytest.mark.slow
-def test_rank_change_reruns_train_and_evaluate_only(scenario: dict) -> None:
-    assert _executed(scenario["rank4"]) == {"train", "evaluate"}, scenario["rank4"]
+def test_status_lists_the_stages_a_change_can_affect(scenario: dict) -> None:
+    assert set(scenario["status_model"]) == MODEL_STAGES, scenario["status_model"]
+    assert {"download_data", "prepare_data"}.isdisjoint(MODEL_STAGES)
+    assert scenario["status_neutral"] == {}, "data.timeout_s and train.num_threads change no result"
+
+
+@pytest.mark.slow
+def test_rank_change_reruns_train_evaluate_and_track_only(scenario: dict) -> None:
+    assert _executed(scenario["rank4"]) == {"train", "evaluate", "track"}, scenario["rank4"]
     run = scenario["runs"]["rank4"]
     assert run.info.status == "FINISHED" and run.data.params["lora.rank"] == "4"
-    # The skipped stages' results are in the run too, so it compares with full runs.
-    carried = set(run.data.tags["gpt2lab.carried_over"].split(","))
-    assert carried == {"download_data", "prepare_data", "fetch_weights", "generate"}
-    assert "generate/tokens_per_s" in run.data.metrics and "eval/test.f1" in run.data.metrics
+    # The stages that did not run are in the run too, so it compares with full runs.
+    assert {"generate/tokens_per_s", "data/train.rows", "eval/test.f1"} <= set(run.data.metrics)
+
+
+@pytest.mark.slow
+def test_an_experiment_run_before_is_restored_not_retrained(scenario: dict) -> None:
+    out = scenario["back_to_16"]
+    assert _executed(out) == set(), out
+    assert "Stage 'train' is cached" in out and "Stage 'track' is cached" in out
+    assert "back-to-16" not in scenario["runs"]  # its results are in smoke-base's run
 
 
 @pytest.mark.slow
@@ -329,7 +245,7 @@ def test_queued_experiments_land_in_one_store_as_distinct_runs(scenario: dict) -
     assert q2.info.run_id != q8.info.run_id
     assert (q2.data.params["lora.rank"], q8.data.params["lora.rank"]) == ("2", "8")
     for run in (q2, q8):
-        assert run.info.status == "FINISHED" and set(run.data.tags["gpt2lab.stages"].split(",")) == {"train", "evaluate"}
+        assert run.info.status == "FINISHED" and "generate/tokens_per_s" in run.data.metrics
         assert run.info.artifact_uri.startswith((scenario["repo"].root / "mlartifacts").as_uri())
     leftovers = list((scenario["repo"].root / ".dvc").rglob("mlflow.db")) + list((scenario["repo"].root / ".dvc").rglob("mlartifacts"))
     assert not leftovers, "a --queue/--temp run wrote a store inside its temporary copy"
@@ -342,7 +258,7 @@ def test_deps_cover_what_each_stage_imported_at_run_time(scenario: dict) -> None
     assert set(logs) == set(STAGES)
     for stage, files in logs.items():
         used = {Path(f).resolve().relative_to((repo.root / "src").resolve().parent).as_posix() for f in files}
-        missing = used - set(DVC_YAML["stages"][stage]["deps"])
+        missing = used - set(DVC_YAML["stages"][stage]["deps"]) - RESULT_NEUTRAL
         assert not missing, f"{stage} imported {sorted(missing)} at run time; add them to its deps in dvc.yaml"
 
 

@@ -1,0 +1,177 @@
+"""A trained classifier's folder: save only what was trained, rebuild it on its base.
+
+The folder holds ``classifier.json`` with what is needed to rebuild the model (mode, base
+checkpoint path and sha256, model config, ``max_length``, labels, the counts of trainable and
+total parameters) beside the trained tensors: ``adapter.safetensors`` + ``adapter.json``
+(``lora``) or ``trained.safetensors`` (``last_block``, ``full``), and ``head.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gpt2lab.checkpoint import CONFIG_FILE, CheckpointError, load_model, read_config
+from gpt2lab.classifier import ClassifierError, SpamClassifier
+from gpt2lab.dataset import CLASS_NAMES
+from gpt2lab.fileio import atomic_dir
+from gpt2lab.lora import ADAPTER_FILE, LoRAConfig, load_adapter, merge, save_adapter
+
+log = logging.getLogger(__name__)
+
+META_FILE = "classifier.json"
+HEAD_FILE = "head.safetensors"
+TRAINED_FILE = "trained.safetensors"  # last_block / full: the trained body tensors
+FORMAT_VERSION = 1
+
+
+class BaseCheckpointMissingError(ClassifierError):
+    """The base checkpoint a classifier is rebuilt on is not at the path given (or recorded at training).
+
+    ``str(err)`` words the fix for a Python caller (``base_dir=``); :meth:`message` words it for
+    another interface, e.g. ``err.message("--base DIR")`` for the command line.
+    """
+
+    def __init__(self, classifier: Path, base_dir: Path, recorded: str, sha256: str):
+        self.classifier, self.base_dir, self.recorded, self.sha256 = classifier, base_dir, recorded, sha256
+        super().__init__(self.message("base_dir=DIR"))
+
+    def message(self, option: str) -> str:
+        """The error message, telling the user to give the base checkpoint through ``option``."""
+        what = "no such folder" if not self.base_dir.exists() else f"no {CONFIG_FILE} in it"
+        recorded = "" if str(self.base_dir) == self.recorded else f"; it was trained on {self.recorded}"
+        return (
+            f"{self.classifier}: base checkpoint {self.base_dir} not found ({what}{recorded}); pass {option}, "
+            f"the folder of the base checkpoint it was trained on (sha256 {self.sha256[:12]}...)"
+        )
+
+
+def trained_state(model: SpamClassifier) -> dict[str, torch.Tensor]:
+    """The body tensors that ``requires_grad`` (not LoRA, not the head), fp32, with base names."""
+    return {
+        name.removeprefix("body."): p.detach().float().contiguous()
+        for name, p in model.named_parameters()
+        if p.requires_grad and name.startswith("body.") and not name.rsplit(".", 1)[-1].startswith("lora_")
+    }
+
+
+def save_classifier(
+    model: SpamClassifier,
+    out_dir: str | Path,
+    *,
+    mode: str,
+    base_dir: str | Path,
+    lora: LoRAConfig | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write only what was trained, plus ``classifier.json``; replaces ``out_dir`` atomically.
+
+    ``lora`` mode writes the adapter (with the base sha256) and the head; ``last_block`` and
+    ``full`` write the trained body tensors and the head.
+    """
+    base_meta = read_config(base_dir)
+    with atomic_dir(out_dir) as tmp:
+        files = {"head": HEAD_FILE}
+        if mode == "lora":
+            if lora is None:
+                raise ClassifierError("saving a lora-mode classifier needs its LoRAConfig")
+            save_adapter(model.body, tmp, lora, base_sha256=base_meta["sha256"])
+            files["adapter"] = ADAPTER_FILE
+        else:
+            save_file(trained_state(model), str(tmp / TRAINED_FILE), metadata={"format": "pt"})
+            files["trained"] = TRAINED_FILE
+        head = {k: v.detach().float().contiguous() for k, v in model.head.state_dict().items()}
+        save_file(head, str(tmp / HEAD_FILE), metadata={"format": "pt"})
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "mode": mode,
+            "labels": list(CLASS_NAMES[: model.head.out_features]),
+            "max_length": model.max_length,
+            "base": {
+                "path": str(base_dir),
+                "sha256": base_meta["sha256"],
+                "pretrained": bool(base_meta.get("pretrained", False)),
+                "source": base_meta.get("source"),
+            },
+            "model": base_meta["model"],
+            "lora": None if lora is None or mode != "lora" else {
+                "rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets),
+            },
+            "trainable_params": model.num_parameters(trainable_only=True),
+            "total_params": model.num_parameters(),
+            "files": files,
+            **(extra or {}),
+        }  # fmt: skip
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def read_classifier_meta(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / META_FILE
+    if not file.is_file():
+        raise ClassifierError(f"{path}: no {META_FILE}; not a trained classifier folder (run the train stage)")
+    return json.loads(file.read_text())
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise ClassifierError(f"{file}: missing; the classifier folder is incomplete (re-run the train stage)")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as err:
+        raise ClassifierError(f"{file}: unreadable ({err})") from err
+
+
+def load_classifier(
+    path: str | Path, base_dir: str | Path | None = None, *, merged: bool = True
+) -> SpamClassifier:
+    """Rebuild a trained classifier on its base checkpoint; returns it in eval mode.
+
+    Args:
+        path: the folder the train stage wrote (``classifier.json``, head, adapter or trained tensors).
+        base_dir: the base checkpoint folder; default: the path recorded at training time.
+        merged: fold LoRA adapters into the base weights (inference then costs what the base does).
+
+    Raises :class:`BaseCheckpointMissingError` if the base checkpoint is not there, and
+    :class:`ClassifierError` if a file is missing or the base checkpoint's sha256 differs from
+    the one the classifier was trained on.
+    """
+    path = Path(path)
+    meta = read_classifier_meta(path)
+    base_dir = Path(base_dir if base_dir is not None else meta["base"]["path"])
+    try:
+        base_meta = read_config(base_dir)
+    except CheckpointError as err:
+        raise BaseCheckpointMissingError(path, base_dir, meta["base"]["path"], meta["base"]["sha256"]) from err
+    want = meta["base"]["sha256"]
+    if base_meta.get("sha256") != want:
+        raise ClassifierError(
+            f"{path}: trained on base checkpoint sha256 {want}, but {base_dir} has sha256 "
+            f"{base_meta.get('sha256')}; use the base it was trained on (or retrain)"
+        )
+    body = load_model(base_dir)
+    if meta["mode"] == "lora":
+        load_adapter(body, path, base_sha256=want)
+        if merged:
+            merge(body)
+    else:
+        state = _load_tensors(path / meta["files"]["trained"])
+        own = body.state_dict()
+        bad = [k for k in state if k not in own or own[k].shape != state[k].shape]
+        if bad:
+            raise ClassifierError(f"{path}: tensor {bad[0]!r} does not fit the base model {base_dir}")
+        body.load_state_dict(state, strict=False)
+    model = SpamClassifier(body, len(meta["labels"]), meta["max_length"])
+    head = _load_tensors(path / meta["files"]["head"])
+    try:
+        model.head.load_state_dict(head)
+    except RuntimeError as err:
+        raise ClassifierError(f"{path}/{meta['files']['head']}: does not fit the model ({err})") from err
+    model.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,179 @@
+"""The inference API: :class:`Classifier` (load, ``predict``, ``predict_proba``, ``classify``).
+
+Messages are tokenized, cut to the model's ``max_length`` and batched by length (sorted, then
+padded per batch); results come back in input order.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpt2lab.batching import SpamDataset, collate
+from gpt2lab.classifier import ClassifierError, SpamClassifier, cast_frozen_linears
+from gpt2lab.classifier_io import load_classifier, read_classifier_meta
+from gpt2lab.dataset import CLASS_NAMES
+from gpt2lab.devices import autocast
+
+
+@torch.inference_mode()
+def predict_proba(
+    model: SpamClassifier, texts: Sequence[str], batch_size: int = 32, precision: str = "bf16"
+) -> np.ndarray:
+    """Spam probability (N,) of each text, in input order.
+
+    Texts are tokenized, cut to ``model.max_length`` tokens and batched by length (sorted,
+    then padded per batch) so little time goes into padding.
+    """
+    dataset = SpamDataset(texts, None, model.max_length)
+    order = np.argsort(dataset.lengths, kind="stable")
+    probs = np.empty(len(dataset), dtype=np.float64)
+    model.eval()
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = collate([dataset[int(i)] for i in idx]).to(device)
+        with autocast(precision):
+            logits = model(batch.ids, batch.lengths)
+        probs[idx] = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
+    return probs
+
+
+class InvalidTextError(ClassifierError, TypeError):
+    """What was passed to classify is not a list of strings; the message names the first bad item."""
+
+
+def check_texts(texts: Any) -> list[str]:
+    """``texts`` as a list of ``str``; raise :class:`InvalidTextError` for a lone string or a non-string item.
+
+    A lone ``str`` is refused rather than read as a sequence of one-character messages.
+    """
+    if isinstance(texts, (str, bytes)):
+        raise InvalidTextError(f"expected a list of messages, got a single {type(texts).__name__}; wrap it: [text]")
+    try:
+        items = list(texts)
+    except TypeError:
+        raise InvalidTextError(f"expected a list of messages (strings), got {type(texts).__name__}") from None
+    for i, text in enumerate(items):
+        if not isinstance(text, str):
+            raise InvalidTextError(f"message {i} is {type(text).__name__} ({text!r:.40}), not a string; pass text")
+    return items
+
+
+class Classifier:
+    """A trained spam classifier for inference: ``Classifier.load(dir)``, then ``predict`` / ``predict_proba``.
+
+    Messages are classified in batches of ``batch_size``, sorted by length so little time goes
+    into padding; results come back in input order. Defined behaviour for awkward input:
+
+    - an empty message is read as the end-of-text token alone (it still gets a probability);
+    - a message longer than ``max_length`` tokens (the model's context, 1024 for GPT-2, unless
+      training set ``train.max_length``) is truncated: its FIRST ``max_length`` tokens are read;
+    - emoji and any other Unicode go through GPT-2's byte-level BPE unchanged (a lone surrogate
+      becomes U+FFFD);
+    - a non-string item, or a single string instead of a list, raises :class:`InvalidTextError`.
+
+    Example::
+
+        clf = Classifier.load("models/classifier")
+        clf.predict(["You won $1000! Claim now.", "see you at lunch?"])  # ['spam', 'ham']
+        clf.predict_proba(["You won $1000! Claim now."])                  # array([0.98...])
+    """
+
+    def __init__(
+        self,
+        model: SpamClassifier,
+        *,
+        labels: Sequence[str] = CLASS_NAMES,
+        batch_size: int = 32,
+        precision: str = "fp32",
+        threshold: float = 0.5,
+    ):
+        if len(labels) != 2 or model.head.out_features != 2:
+            raise ClassifierError(f"expected a 2-class (ham, spam) classifier, got labels {list(labels)}")
+        if precision not in ("fp32", "bf16"):
+            raise ClassifierError(f"precision: {precision!r} is not fp32 or bf16")
+        if not 0.0 <= threshold <= 1.0:
+            raise ClassifierError(f"threshold: {threshold} is not between 0 and 1")
+        if batch_size < 1:
+            raise ClassifierError(f"batch_size: {batch_size} is not a positive integer")
+        self.model = model.eval()
+        self.labels = tuple(labels)
+        self.batch_size, self.precision, self.threshold = batch_size, precision, threshold
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        base_dir: str | Path | None = None,
+        *,
+        batch_size: int = 32,
+        precision: str = "fp32",
+        threshold: float = 0.5,
+    ) -> Classifier:
+        """Load the folder the train stage wrote (``models/classifier``) onto its base checkpoint.
+
+        Args:
+            path: the trained classifier folder.
+            base_dir: the base checkpoint; default: the path recorded at training time.
+            batch_size: messages per forward pass.
+            precision: ``fp32``, or ``bf16`` (about 2x faster on CPUs with AVX-512 bf16; the
+                transformer's linear weights are then stored in bf16, as autocast would cast them).
+            threshold: a message is ``spam`` when its spam probability is >= threshold.
+        """
+        model = load_classifier(path, base_dir)
+        if precision == "bf16":
+            cast_frozen_linears(model, torch.bfloat16)
+        labels = read_classifier_meta(path)["labels"]
+        return cls(model, labels=labels, batch_size=batch_size, precision=precision, threshold=threshold)
+
+    @property
+    def max_length(self) -> int:
+        """Messages are cut to this many tokens (their first ones are kept)."""
+        return self.model.max_length
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """Spam probability (N,) float64 of each message, in input order."""
+        return predict_proba(self.model, check_texts(texts), self.batch_size, self.precision)
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        """Label (``"spam"`` or ``"ham"``) of each message, in input order."""
+        return [self.labels[int(p >= self.threshold)] for p in self.predict_proba(texts)]
+
+    def classify(self, texts: Sequence[str]) -> list[dict[str, Any]]:
+        """``[{"label": "spam", "probability": 0.97}, ...]``: both answers in one pass."""
+        probs = self.predict_proba(texts)
+        return [{"label": self.labels[int(p >= self.threshold)], "probability": float(p)} for p in probs]
+
+
+def classify_review(
+    text: str,
+    model: Classifier | SpamClassifier,
+    tokenizer: Any = None,
+    device: Any = None,
+    max_length: int | None = None,
+    pad_token_id: int = 50256,
+) -> str:
+    """The reference recipe's one-message call, as a thin wrapper over :class:`Classifier`.
+
+    Returns the recipe's strings: ``"spam"`` or ``"not spam"``. The signature is the recipe's so
+    code written for it runs unchanged: ``tokenizer`` must be GPT-2's BPE (gpt2lab always uses it),
+    ``device`` is the CPU, and ``pad_token_id`` is unused because one message needs no padding.
+    ``max_length`` truncates the message to that many tokens (never beyond the model's limit).
+    """
+    if isinstance(model, Classifier):
+        clf = model
+    else:  # a bare model: run it at the precision its weights are stored in
+        bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
+        clf = Classifier(model, precision="bf16" if bf16 else "fp32")
+    if max_length is not None and max_length < clf.max_length:
+        # A shallow copy shares every weight; only its truncation length differs.
+        view = copy.copy(clf.model)
+        view.max_length = max_length
+        clf = Classifier(view, labels=clf.labels, batch_size=1, precision=clf.precision, threshold=clf.threshold)
+    return "spam" if clf.predict([text])[0] == clf.labels[1] else "not spam"

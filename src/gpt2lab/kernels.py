@@ -1,0 +1,101 @@
+"""Fast CPU kernels for inference on few rows, swapped into a model the way LoRA is.
+
+At inference on CPU, few rows (decoding: one token per sequence; a speculative verify step:
+2-16 tokens) are bound by reading the weights, and kernels read them at different speeds.
+ms to stream all of GPT-2 124M's matrices once, cold (12 blocks x 4 + lm_head; 2-core
+AVX-512/AMX CPU, torch 2.13, 2 threads)::
+
+    rows   fp32: F.linear  oneDNN | bf16: F.linear  W @ x^T
+    1            17.4      21.7   |       16.2      16.4     (addmv: fp32 16.7, bf16 11.7)
+    2            17.6      25.6   |       18.4      12.9
+    4            32.9      27.3   |       17.1      12.2
+    8            45.9      30.5   |       16.7      11.8
+    16           44.7      35.7   |       16.3      11.2
+
+MKL's fp32 GEMM (F.linear) keeps the pace of a GEMV up to 3 rows only; oneDNN's inner product
+(``mkldnn::_linear_pointwise``, the op Inductor emits for CPU linears; torch is pinned) slows
+down less. In bf16, W @ x^T costs what one row does. Both only pay off for a weight streamed
+from memory: below about 1M (fp32) / 512K (bf16) elements F.linear is as fast or faster
+(768x768 fp32, 8 rows: F.linear 151 us, oneDNN 196 us).
+
+:class:`FewRowLinear` is an ``nn.Linear`` whose forward takes those paths;
+:func:`few_row_kernels` swaps it in for every plain ``nn.Linear`` of a model for the duration
+of a ``with`` block (generation does), sharing the parameters, and swaps the originals back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+FEW_ROWS = 16
+_MIN_STREAMED = {torch.float32: 1 << 20, torch.bfloat16: 1 << 19}  # weight elements
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class FewRowLinear(nn.Linear):
+    """``nn.Linear`` whose inference on 1..``FEW_ROWS`` CPU rows uses the kernel that streams
+    the weight fastest (see the module docstring): one row ``addmv``; 2+ rows of a large weight
+    ``W @ x^T`` in bf16, oneDNN's linear in fp32 from 4 rows. Equal to ``nn.Linear`` up to float
+    rounding; with autograd or autocast on, or on other devices, it is ``nn.Linear``.
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> FewRowLinear:
+        """A ``FewRowLinear`` sharing (not copying) ``linear``'s weight and bias."""
+        fast = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        fast.weight, fast.bias = linear.weight, linear.bias
+        return fast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out)."""
+        rows = x.numel() // x.shape[-1]
+        if not (
+            1 <= rows <= FEW_ROWS
+            and x.dtype in _MIN_STREAMED
+            and x.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")  # autocast casts inside F.linear
+        ):
+            return super().forward(x)
+        weight, bias = self.weight, self.bias  # (out, in), (out,) or None
+        if rows == 1:
+            row = x.reshape(-1)  # (in,)
+            y = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)  # (out,)
+        elif weight.numel() < _MIN_STREAMED[x.dtype]:
+            return super().forward(x)
+        elif x.dtype == torch.bfloat16:
+            cols = x.reshape(rows, -1).t()  # (in, rows)
+            y = torch.mm(weight, cols) if bias is None else torch.addmm(bias[:, None], weight, cols)  # (out, rows)
+            # (rows, out): stacking the columns copies 2-4x faster than y.t().contiguous() for few rows.
+            y = torch.stack(y.unbind(1))
+        elif rows > 3 and _ONEDNN:
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), weight, bias, "none", [], "")  # (rows, out)
+        else:
+            return super().forward(x)
+        return y.view(*x.shape[:-1], -1)  # (..., out)
+
+
+@contextlib.contextmanager
+def few_row_kernels(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every plain ``nn.Linear`` of ``model`` is a :class:`FewRowLinear`.
+
+    Parameters are shared, so the state dict, tied weights and memory are unchanged; the
+    original modules are put back on exit. Other layers (LoRA, already swapped) are left alone.
+    Forward hooks registered on a swapped layer do not run inside the block.
+    """
+    swapped: list[tuple[nn.Module, str, nn.Linear]] = []
+    try:
+        for name, module in list(model.named_modules()):
+            if name and type(module) is nn.Linear:
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, FewRowLinear.from_linear(module))
+                swapped.append((parent, child, module))
+        yield model
+    finally:
+        for parent, child, module in reversed(swapped):
+            setattr(parent, child, module)

@@ -1,0 +1,77 @@
+"""Helpers shared by several test files: a tiny saved classifier, a training step, one-line errors,
+and Hypothesis strategies for text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+from gpt2lab.classifier import SpamClassifier, build_classifier
+from gpt2lab.classifier_io import save_classifier
+from gpt2lab.lora import LoRAConfig
+from gpt2lab.params import ModelParams, WeightsParams
+from gpt2lab.tokenizer import EOT_TEXT
+from gpt2lab.weights import fetch_weights
+
+TINY_PARAMS = ModelParams(n_layer=2, n_head=4, n_embd=32, n_ctx=64)
+LORA = LoRAConfig(rank=4, alpha=8.0)
+# Real-looking messages, with the awkward cases: empty, emoji, other scripts, longer than the context.
+MESSAGES = [
+    "You won $1000! Claim now.",
+    "see you at lunch?",
+    "",
+    "URGENT! Your mobile No. 07808726822 was awarded a £2,000 Bonus Caller Prize. Call 09066368327",
+    "😀😂 party tonight? 🎉",
+    "Привет, как дела? 你好 مرحبا",
+    "FREE entry into our weekly competition, text WIN to 80086 now " * 20,
+]
+
+
+def make_classifier(folder: Path, seed: int = 1) -> tuple[Path, Path]:
+    """(classifier folder, base folder): a random tiny GPT-2 base and a LoRA classifier saved on it.
+
+    The adapters and the head get random values (as if trained), so both labels occur.
+    """
+    base = fetch_weights(TINY_PARAMS, WeightsParams(source="random"), seed, folder / "base")
+    torch.manual_seed(seed)
+    model = build_classifier(base, "lora", LORA)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(0.0, 0.5)
+        model.head.weight.normal_(0.0, 0.3)
+    return save_classifier(model, folder / "classifier", mode="lora", base_dir=base, lora=LORA), base
+
+
+def adamw_step(model: SpamClassifier) -> None:
+    """One AdamW step on a random batch (large lr so every trained tensor visibly moves)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50257, (4, 9), generator=g)
+    lengths = torch.tensor([9, 3, 5, 1])
+    F.cross_entropy(model(ids, lengths), torch.tensor([0, 1, 1, 0])).backward()
+    opt.step()
+
+
+def one_error_line(err: str) -> str:
+    """The single ``error: ...`` line of ``err`` (log lines such as warnings may come before it)."""
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    assert err.rstrip("\n").splitlines()[-1] == errors[0], err  # nothing after it
+    return errors[0]
+
+
+# Hypothesis: how many examples, and text of every kind (emoji, other scripts, the EOS marker, ...).
+FEW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SOME = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+NO_SURROGATES = st.characters(exclude_categories=("Cs",))
+TEXT = st.one_of(
+    st.text(NO_SURROGATES, max_size=200),
+    st.lists(st.sampled_from(["😀", "👍🏽", "👨‍👩‍👧", "東京", "Привет", "مرحبا", "\u200b", "\r\n", " ", "\t", EOT_TEXT,
+                              "é", "e\u0301"]), max_size=30).map("".join),
+)  # fmt: skip

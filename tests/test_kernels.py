@@ -1,0 +1,136 @@
+"""The few-row CPU kernels equal nn.Linear, keep autograd, and are swapped in only for a block."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.profiler import profile
+
+from gpt2lab.generate import generate, stream
+from gpt2lab.kernels import FEW_ROWS, FewRowLinear, few_row_kernels
+from gpt2lab.lora import LoRAConfig, LoRALinear, apply_lora
+from gpt2lab.model import GPT2, GPT2Config
+
+# A different summation order: about one unit in the last place for one projection (bf16 keeps
+# 8 bits), a few after a whole model.
+TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 2**-7, "atol": 1e-3}}
+MODEL_TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}
+
+
+def _aten_ops(fn: Callable[[], object]) -> set[str]:
+    """Names of the ops (aten::..., mkldnn::...) that ``fn()`` ran."""
+    with profile() as prof:
+        fn()
+    return {event.key for event in prof.key_averages()}
+
+
+def _kernel(dtype: torch.dtype, rows: int, bias: bool) -> str:
+    """The op FewRowLinear runs for a large weight (the measured choices in kernels.py)."""
+    if rows == 1:
+        return "aten::addmv" if bias else "aten::mv"
+    if rows > FEW_ROWS or (dtype == torch.float32 and rows < 4):
+        return "aten::linear"
+    if dtype == torch.bfloat16:
+        return "aten::addmm" if bias else "aten::mm"
+    return "mkldnn::_linear_pointwise"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_row_projections_equal_the_linear_layer(dtype):
+    """At inference, FewRowLinear runs its own kernel for 1..FEW_ROWS rows of a weight large enough
+    to be streamed (1 row: addmv; bf16: W @ x^T; fp32 from 4 rows: oneDNN) and agrees with F.linear."""
+    torch.manual_seed(5)
+    for bias in (True, False):
+        layer = nn.Linear(1024, 1024, bias=bias).to(dtype)  # 1M elements: above both thresholds
+        fast_layer = FewRowLinear.from_linear(layer)
+        assert fast_layer.weight is layer.weight and fast_layer.bias is layer.bias  # shared, not copied
+        for rows in (1, 2, 3, 4, 8, FEW_ROWS, FEW_ROWS + 1):
+            x = torch.randn(1, rows, 1024).to(dtype)
+            with torch.no_grad():
+                plain = layer(x)  # F.linear
+                fast = fast_layer(x)
+                ops = _aten_ops(lambda: fast_layer(x))
+            torch.testing.assert_close(fast, plain, **TOLERANCE[dtype])
+            kernel = _kernel(dtype, rows, bias)
+            assert kernel in ops
+            assert kernel == "aten::linear" or "aten::linear" not in ops
+
+
+def test_autograd_and_autocast_take_the_plain_path():
+    layer = FewRowLinear.from_linear(nn.Linear(1024, 1024))
+    x = torch.randn(1, 1024)
+    y = layer(x)
+    assert y.requires_grad and "aten::linear" in _aten_ops(lambda: layer(x))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16  # as F.linear under autocast
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
+def test_single_row_projection_equals_linear(dtype, tol):
+    torch.manual_seed(0)
+    layer = FewRowLinear.from_linear(torch.nn.Linear(64, 96).to(dtype))
+    x = torch.randn(1, 1, 64, dtype=dtype)
+    with torch.inference_mode():
+        fast = layer(x)
+        assert "aten::addmv" in _aten_ops(lambda: layer(x))
+    ref = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+    assert fast.shape == (1, 1, 96) and torch.allclose(fast.double(), ref, atol=tol, rtol=tol)
+
+
+def test_swapped_in_for_the_block_only_and_lora_left_alone():
+    cfg = GPT2Config(vocab_size=64, n_ctx=16, n_embd=32, n_layer=2, n_head=4)
+    model = GPT2(cfg).eval()
+    apply_lora(model, LoRAConfig(rank=2, alpha=2.0, targets=("h.0.attn.c_attn",)))
+    before = dict(model.named_modules())
+    state = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    with few_row_kernels(model):
+        inside = dict(model.named_modules())
+        assert type(inside["h.1.mlp.c_fc"]) is FewRowLinear and type(inside["lm_head"]) is FewRowLinear
+        assert isinstance(inside["h.0.attn.c_attn"], LoRALinear)  # LoRA keeps its own forward
+        assert inside["lm_head"].weight is model.wte.weight  # still tied
+        assert {k: v.data_ptr() for k, v in model.state_dict().items()} == state  # no copies
+    after = dict(model.named_modules())
+    assert all(after[name] is module for name, module in before.items())  # the originals are back
+    assert not any(type(m) is FewRowLinear for m in model.modules())
+
+
+def test_generation_swaps_them_in_and_restores_the_model_even_when_stopped_early():
+    cfg = GPT2Config(vocab_size=64, n_ctx=32, n_embd=32, n_layer=1, n_head=4)
+    model = GPT2(cfg).eval()
+    heads = []
+    model.ln_f.register_forward_hook(lambda *_: heads.append(type(model.lm_head)))
+    assert len(generate(model, [[1, 2, 3]], 3)[0]) == 3
+    assert heads == [FewRowLinear] * 3  # every forward pass of the generation ran the fast layers
+    steps = stream(model, [[1, 2, 3]], 10)
+    next(steps)
+    assert type(model.lm_head) is FewRowLinear
+    steps.close()  # the caller stops early
+    assert type(model.lm_head) is nn.Linear and not any(type(m) is FewRowLinear for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_steps_equal_the_plain_linear_path(dtype):
+    """A prefill, a multi-token verify step and a decoding step through the fast kernels give the
+    logits of the same steps through nn.Linear."""
+    cfg = GPT2Config(vocab_size=64, n_ctx=32, n_embd=1024, n_layer=1, n_head=8)  # weights above the thresholds
+    torch.manual_seed(6)
+    model = GPT2(cfg).eval().to(dtype)
+    idx = torch.randint(0, cfg.vocab_size, (1, 14), generator=torch.Generator().manual_seed(7))
+
+    def steps() -> torch.Tensor:
+        model.setup_cache(batch_size=1, max_len=16)
+        with torch.no_grad():
+            prefix = model(idx[:, :5], start=0)
+            verify = model(idx[:, 5:13], start=5)
+            step = model(idx[:, 13:], start=13, last_only=True)
+        return torch.cat([prefix, verify, step], dim=1)
+
+    with few_row_kernels(model):
+        fast = steps()
+        ops = _aten_ops(steps)
+    assert "aten::addmv" in ops  # the decoding step took the fast path
+    plain = steps()
+    torch.testing.assert_close(fast, plain, **MODEL_TOLERANCE[dtype])
