@@ -40,7 +40,8 @@ from gpt2lab.classifier_io import save_classifier
 from gpt2lab.convert import TRANSPOSED
 from gpt2lab.dataset import SPLITS, prepare_data, read_split
 from gpt2lab.devices import autocast
-from gpt2lab.fetch import PYPI_SCHEME, cache_dir, fetch_cached
+from gpt2lab.fetch import PYPI_SCHEME, fetch_cached
+from gpt2lab.fileio import cache_dir
 from gpt2lab.inference import Classifier
 from gpt2lab.lora import LoRAConfig, is_lora_param
 from gpt2lab.model import GPT2Config

@@ -1,14 +1,13 @@
 """DVC stage: fine-tune the spam classifier on models/base; write models/classifier/ and its metrics."""
 
 from gpt2lab.params import load_params
-from gpt2lab.resume import remove_checkpoint
+from gpt2lab.resume import checkpoints_root, remove_checkpoint
 from gpt2lab.stage import run_stage
 from gpt2lab.train import train_classifier, write_outputs
 
 BASE = "models/base"
 DATA = "data/prepared"
 OUT = "models/classifier"
-CHECKPOINTS = "models/train-checkpoint"  # not a stage output: DVC must not delete it before a resume
 METRICS = "metrics/train.json"
 CURVE = "metrics/train_curve.tsv"
 STEPS = "metrics/train_steps.tsv"
@@ -17,10 +16,10 @@ PLOTS = "metrics/train_plots"
 
 def main() -> None:
     params = load_params()
-    result = train_classifier(BASE, DATA, OUT, params.lora, params.train, params.seed, checkpoint_dir=CHECKPOINTS,
-                              progress=True)  # fmt: skip
+    result = train_classifier(BASE, DATA, OUT, params.lora, params.train, params.seed,
+                              checkpoint_dir=checkpoints_root(), progress=True)  # fmt: skip
     write_outputs(result, METRICS, CURVE, PLOTS, STEPS)
-    remove_checkpoint(CHECKPOINTS)  # only now that all is saved: a kill before this resumes
+    remove_checkpoint(result["checkpoint_dir"])  # only now that all is saved: a kill before this resumes
     m = result["metrics"]
     print(
         f"train: {m['mode']} {m['trainable_params']:,}/{m['total_params']:,} params trained, "

@@ -75,3 +75,61 @@ TEXT = st.one_of(
     st.lists(st.sampled_from(["😀", "👍🏽", "👨‍👩‍👧", "東京", "Привет", "مرحبا", "\u200b", "\r\n", " ", "\t", EOT_TEXT,
                               "é", "e\u0301"]), max_size=30).map("".join),
 )  # fmt: skip
+
+
+CORRUPTIONS = ("flip", "truncate", "swap")
+
+
+def corrupt(path: Path, kind: str, other: Path) -> None:
+    """Damage ``path``: 64 bytes flipped in place (the size kept), cut to half, or replaced by ``other``."""
+    data = bytearray(path.read_bytes())
+    if kind == "flip":
+        middle = len(data) // 2
+        data[middle : middle + 64] = bytes(b ^ 0x5A for b in data[middle : middle + 64])
+        path.write_bytes(bytes(data))
+    elif kind == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        path.write_bytes(other.read_bytes())
+
+
+def log_tiny_classifier(root: Path) -> dict:
+    """A tiny classifier logged into a fresh SQLite store under ``root`` (artifacts beside it) as run <id>'s `model`."""
+    import mlflow
+
+    from gpt2lab.inference import Classifier
+    from gpt2lab.serving import log_model
+
+    clf_dir, base = make_classifier(root / "models")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("serving-test", artifact_location=(root / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    info = log_model(clf_dir, base, run_id=run_id, tracking_uri=uri)
+    return {"root": root, "uri": uri, "run_id": run_id, "info": info, "clf": Classifier.load(clf_dir, base)}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_serving(server, url: str, log: Path, timeout_s: float = 180) -> None:
+    """Poll ``url/ping`` until it answers 200; fail with the server's log if it dies or takes too long."""
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + timeout_s  # the server imports torch and loads the model first
+    while True:
+        assert server.poll() is None, log.read_text()[-3000:]
+        try:
+            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, "server did not answer /ping in time"
+        time.sleep(0.5)

@@ -21,10 +21,11 @@ from gpt2lab.classifier_io import (
     load_classifier,
     save_classifier,
 )
+from gpt2lab.fileio import MANIFEST_FILE, IntegrityError
 from gpt2lab.inference import predict_proba
 from gpt2lab.lora import ADAPTER_FILE, ADAPTER_META, LoRAConfig
 from gpt2lab.params import LoRAParams
-from tests.helpers import adamw_step
+from tests.helpers import CORRUPTIONS, adamw_step, corrupt
 
 ALL = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -54,9 +55,9 @@ def test_save_and_load_give_the_same_predictions(tmp_path, base_dir, mode):
     assert meta["total_params"] == model.num_parameters() and meta["base"]["pretrained"] is False
     files = {p.name for p in out.iterdir()}
     if mode == "lora":
-        assert files == {META_FILE, HEAD_FILE, ADAPTER_FILE, ADAPTER_META}
+        assert files == {META_FILE, HEAD_FILE, ADAPTER_FILE, ADAPTER_META, MANIFEST_FILE}
     else:
-        assert files == {META_FILE, HEAD_FILE, TRAINED_FILE}
+        assert files == {META_FILE, HEAD_FILE, TRAINED_FILE, MANIFEST_FILE}
 
     loaded = load_classifier(out)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
@@ -138,3 +139,51 @@ def test_replacing_the_classifier_never_leaves_half_a_folder(tmp_path, monkeypat
     assert now != old and set(now) == set(old)  # the new output, whole
     again = save_classifier(model, out, mode="lora", base_dir=base, lora=lora)  # the leftover aside is no obstacle
     assert _tree(again) == now
+
+
+@pytest.fixture
+def two_classifiers(tmp_path, base_dir):
+    """Two LoRA classifiers on one base, of other seeds, alpha and max_length: same file names, other bytes."""
+    folders = []
+    for seed, lora, max_length in ((0, LORA, None), (1, LoRAConfig(rank=4, alpha=4.0, targets=ALL), 40)):
+        torch.manual_seed(seed)
+        model = build_classifier(base_dir, "lora", lora, max_length=max_length)
+        adamw_step(model)
+        folders.append(save_classifier(model, tmp_path / f"clf{seed}", mode="lora", base_dir=base_dir, lora=lora))
+    for name in (META_FILE, HEAD_FILE, ADAPTER_FILE, ADAPTER_META):
+        assert (folders[0] / name).read_bytes() != (folders[1] / name).read_bytes(), name
+    return folders
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+@pytest.mark.parametrize("name", [META_FILE, HEAD_FILE, ADAPTER_FILE, ADAPTER_META])
+def test_a_damaged_file_of_a_classifier_folder_is_refused_with_its_hash(two_classifiers, name, kind):
+    folder, other = two_classifiers
+    expected = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    corrupt(folder / name, kind, other / name)
+    with pytest.raises(IntegrityError, match=rf"{name}: corrupted or replaced: expected sha256 {expected}, found"):
+        load_classifier(folder)
+
+
+def test_an_edited_description_is_refused_not_obeyed(two_classifiers):
+    """Swapped labels or another alpha would silently invert or change every answer."""
+    folder, _ = two_classifiers
+    for file, edit in ((META_FILE, lambda m: {**m, "labels": ["spam", "ham"]}),
+                       (ADAPTER_META, lambda m: {**m, "alpha": m["alpha"] * 2})):  # fmt: skip
+        original = (folder / file).read_text()
+        (folder / file).write_text(json.dumps(edit(json.loads(original))))
+        with pytest.raises(IntegrityError, match=f"{file}: corrupted or replaced"):
+            load_classifier(folder)
+        (folder / file).write_text(original)
+    load_classifier(folder)  # restored: loads again
+
+
+def test_a_base_with_other_weights_under_the_same_config_is_refused(two_classifiers, base_dir, tmp_path, tiny_cfg):
+    """A different base whose config.json (and manifest) were copied over claims the recorded sha256: its
+    bytes say otherwise."""
+    folder, _ = two_classifiers
+    other = random_checkpoint(tiny_cfg, 99, tmp_path / "other")
+    for name in ("config.json", MANIFEST_FILE):
+        shutil.copy(base_dir / name, other / name)
+    with pytest.raises(IntegrityError, match="model.safetensors: corrupted or replaced"):
+        load_classifier(folder, other)

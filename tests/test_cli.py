@@ -170,8 +170,8 @@ CLI_MISTAKES = [
     # (argv with {placeholders}, what the error line must say)
     (["classify", "hi", "--model", "{missing}"], "no trained classifier at {missing}"),
     (["classify", "hi", "--model", "{base}"], "no trained classifier at {base}"),  # a GPT-2, not a classifier
-    (["classify", "hi", "--model", "{corrupt_clf}"], "adapter.safetensors: unreadable"),
-    (["classify", "hi", "--model", "{clf}", "--base", "{corrupt_base}"], "model.safetensors: unreadable"),
+    (["classify", "hi", "--model", "{corrupt_clf}"], "adapter.safetensors: corrupted or replaced: expected sha256"),
+    (["classify", "hi", "--model", "{clf}", "--base", "{corrupt_base}"], "model.safetensors: corrupted or replaced: expected sha256"),
     (["classify", "hi", "--model", "{clf}", "--base", "{missing}"], "base checkpoint {missing} not found"),
     (["classify", "hi", "--model", "{clf}", "--threshold", "2"], "threshold: 2.0 is not between 0 and 1"),
     (["classify", "hi", "--model", "{clf}", "--batch-size", "0"], "batch_size: 0 is not a positive integer"),
@@ -183,7 +183,7 @@ CLI_MISTAKES = [
     (["generate", "hi", "--model", "{base}", "--seed", str(2**70)], f"--seed {2**70}: expected an integer from 0"),
     (["generate", "hi", "--model", "{missing}"], "{missing}: no config.json"),
     (["generate", "hi", "--model", "{clf}"], "{clf}: no config.json"),  # a classifier, not a GPT-2
-    (["generate", "hi", "--model", "{corrupt_base}"], "model.safetensors: unreadable"),
+    (["generate", "hi", "--model", "{corrupt_base}"], "model.safetensors: corrupted or replaced: expected sha256"),
     (["convert", "{notes}", "{out}"], "not a GPT-2 checkpoint"),
     (["convert", "{garbage}", "{out}"], "not a readable safetensors file"),
     (["convert", "{clf}/adapter.safetensors", "{out}"], "missing tensor 'wte.weight'"),
@@ -266,3 +266,16 @@ def test_bare_command_prints_help_and_version_answers(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out == f"gpt2lab {gpt2lab.__version__}\n"
+
+
+def test_a_reader_that_leaves_early_ends_the_output_quietly(saved, tmp_path):
+    """`gpt2lab classify --file many | head -1`: no traceback, the shell's status for SIGPIPE (141)."""
+    clf, base = saved
+    (tmp_path / "many.txt").write_text("see you at lunch, and bring the thing you promised last week\n" * 3000)
+    script = (f"{sys.executable} -m gpt2lab.cli classify --file {tmp_path / 'many.txt'} --model {clf} --base {base}"
+              " 2>err.txt | head -1; echo ${PIPESTATUS[0]} > status.txt")  # fmt: skip
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.stdout.count("\n") == 1 and done.stdout.split()[0] in ("ham", "spam"), done.stdout
+    err = (tmp_path / "err.txt").read_text()
+    assert "Traceback" not in err and "Error" not in err, err  # (the random-weights warning may be there)
+    assert (tmp_path / "status.txt").read_text().strip() == "141"

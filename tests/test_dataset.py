@@ -11,9 +11,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from gpt2lab.dataset import SPLITS, STATS_FILE, DataFormatError, parse_collection, prepare_data, read_split
-from gpt2lab.fetch import PYPI_SCHEME, cache_dir, fetch_cached
-from gpt2lab.fileio import sha256_file
+from gpt2lab.dataset import (
+    SPLITS,
+    STATS_FILE,
+    DataFormatError,
+    parse_collection,
+    prepare_data,
+    read_split,
+)
+from gpt2lab.fetch import PYPI_SCHEME, fetch_cached
+from gpt2lab.fileio import cache_dir, sha256_file
 from gpt2lab.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]

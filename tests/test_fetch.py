@@ -512,7 +512,7 @@ def test_two_processes_fetching_one_cached_file_download_it_once(server, tmp_pat
     assert finished(second, tmp_path / "second.log") == SHA  # found the finished, checked file
     assert server.ranges("/file") == [None]  # one full download for both
     assert dest.read_bytes() == PAYLOAD
-    assert leftovers(dest.parent) == [".file.bin.lock", "file.bin"]  # the lock file stays; no .part
+    assert leftovers(dest.parent) == [".file.bin.lock", ".file.bin.sha256", "file.bin"]  # the lock file stays; no .part
 
 
 def test_lock_of_a_killed_process_blocks_nobody(server, tmp_path, processes):
@@ -537,7 +537,7 @@ def test_lock_of_a_killed_process_blocks_nobody(server, tmp_path, processes):
     assert holder.wait() == -signal.SIGKILL
     assert server.ranges("/file") == [None, f"bytes={STREAM_CHUNK}-"]  # resumed, not started over
     assert dest.read_bytes() == PAYLOAD
-    assert leftovers(dest.parent) == [".file.bin.lock", "file.bin"]
+    assert leftovers(dest.parent) == [".file.bin.lock", ".file.bin.sha256", "file.bin"]
 
 
 def test_cached_file_is_kept_and_a_corrupt_one_fetched_again(server, tmp_path):

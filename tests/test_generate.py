@@ -11,7 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpt2lab.errors import Gpt2labError
-from gpt2lab.generate import GenerationError, generate, lookup_draft, sample, sampling_probs, stream
+from gpt2lab.generate import (
+    GenerationError,
+    generate,
+    lookup_draft,
+    sample,
+    sampling_probs,
+    stream,
+)
 from gpt2lab.model import GPT2, GPT2Config
 
 VOCAB = 128

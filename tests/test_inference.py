@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 import gpt2lab
 from gpt2lab.classifier import ClassifierError
 from gpt2lab.errors import Gpt2labError
-from gpt2lab.inference import Classifier, InvalidTextError, classify_review
+from gpt2lab.inference import Classifier, InvalidTextError, StoppedError, classify_review
 from gpt2lab.tokenizer import EOT_TOKEN, decode, encode
 from tests.helpers import FEW, MESSAGES, SOME, TEXT, make_classifier
 
@@ -190,3 +192,38 @@ def test_first_non_string_is_refused_by_position(clf, before, bad, after):
 def test_not_a_list_is_refused(clf, value):
     with pytest.raises(InvalidTextError, match="expected a list"):
         clf.classify(value)
+
+
+def test_a_dataframe_is_read_from_its_text_column_and_a_series_as_messages(clf):
+    import pandas as pd
+
+    texts = ["You won $1000! Claim now.", "see you at lunch?"]
+    want = clf.predict(texts)
+    assert clf.predict(pd.DataFrame({"text": texts, "id": [1, 2]})) == want  # not its column names
+    assert clf.predict(pd.Series(texts)) == want and clf.predict(tuple(texts)) == want
+    with pytest.raises(InvalidTextError, match=r"needs a 'text' column; it has \['message'\]"):
+        clf.predict(pd.DataFrame({"message": texts}))
+    with pytest.raises(InvalidTextError, match="message 1 is NoneType"):
+        clf.predict(["ok", None])
+    with pytest.raises(InvalidTextError, match="message 0 is float"):  # a missing value in a DataFrame
+        clf.predict(pd.DataFrame({"text": [None, "ok"]}))
+
+
+def test_a_huge_message_costs_what_a_long_one_does(clf):
+    huge = "WIN a free prize now " * 5_000_000  # 100 MB
+    bound = (clf.max_length + 1) * 128
+    started = time.perf_counter()
+    assert clf.predict_proba([huge])[0] == pytest.approx(clf.predict_proba([huge[:bound]])[0], abs=1e-6)
+    assert time.perf_counter() - started < 60  # tokenizing all of it would take minutes and gigabytes
+
+
+def test_stop_ends_the_work_at_the_next_batch(saved):
+    clf = Classifier.load(saved[0], saved[1], batch_size=2)
+    asked = []
+
+    def stop() -> str | None:
+        asked.append(1)
+        return "enough" if len(asked) > 2 else None
+
+    with pytest.raises(StoppedError, match="stopped after 4 of 10 messages: enough"):
+        clf.predict_proba(["m"] * 10, stop=stop)

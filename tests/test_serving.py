@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -16,27 +14,19 @@ import pandas as pd
 import pytest
 
 from gpt2lab.dataset import parse_collection
-from gpt2lab.inference import Classifier
-from gpt2lab.serving import log_model, pip_requirements
-from tests.helpers import MESSAGES, make_classifier
+from gpt2lab.serving import pip_requirements
+from tests.helpers import MESSAGES, free_port, log_tiny_classifier, wait_until_serving
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sms_small.tsv"
-PING_TIMEOUT_S = 180  # the server imports torch and loads the model first; this machine may be busy
 
 
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory) -> dict:
     """A classifier logged into a fresh SQLite store (artifacts beside it) as run <id>'s `model`."""
-    root = tmp_path_factory.mktemp("mlflow")
-    clf_dir, base = make_classifier(root / "models")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    experiment = client.create_experiment("serving-test", artifact_location=(root / "artifacts").as_uri())
-    run_id = client.create_run(experiment).info.run_id
     before = mlflow.get_tracking_uri()
-    info = log_model(clf_dir, base, run_id=run_id, tracking_uri=uri)
+    logged = log_tiny_classifier(tmp_path_factory.mktemp("mlflow"))
     assert mlflow.get_tracking_uri() == before  # the caller's store is left as it was
-    return {"root": root, "uri": uri, "run_id": run_id, "info": info, "clf": Classifier.load(clf_dir, base)}
+    return logged
 
 
 @pytest.fixture
@@ -81,12 +71,6 @@ def test_pyfunc_answers_equal_the_python_api(store):
         model.predict(pd.DataFrame({"text": ["fine", None]}))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_invocations(logged, tmp_path):
     import requests
@@ -101,16 +85,7 @@ def test_mlflow_models_serve_answers_invocations(logged, tmp_path):
     log = open(tmp_path / "server.log", "wb")
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + PING_TIMEOUT_S
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "server did not answer /ping in time"
-            time.sleep(0.5)
+        wait_until_serving(server, url, tmp_path / "server.log")
 
         def post(body: str | bytes) -> requests.Response:
             return requests.post(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"},

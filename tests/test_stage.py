@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gpt2lab.stage import run
 from tests.helpers import one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,3 +100,71 @@ def test_stage_process_exits_non_zero_with_one_line(tmp_path, index):
     assert done.returncode == 1 and done.stdout == ""
     assert one_error_line(done.stderr).startswith(says)
     assert_nothing_written(project)
+
+
+# --- machine failures: one line, wherever they happen ------------------------------------------------
+@pytest.mark.parametrize("error, says", [
+    (OSError(errno.ENOSPC, "No space left on device", "models/x"), "No space left on device (models/x): free some"),
+    (OSError(errno.EROFS, "Read-only file system", "/ro"), "read-only; write elsewhere"),
+    (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 8 vs 4"), "the disk is full or a write"),
+    (Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space" })'),
+     "the disk is full"),
+])  # fmt: skip
+def test_machine_failures_are_one_line(capsys, error, says):
+    def fail() -> None:
+        raise error
+
+    assert run(fail) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert says in line
+
+
+def test_a_bug_keeps_its_traceback():
+    def bug() -> None:
+        raise ZeroDivisionError("a bug, not the machine")
+
+    with pytest.raises(ZeroDivisionError):
+        run(bug)
+
+
+def test_a_full_disk_while_training_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """torch reports a full disk as a RuntimeError of its zip writer; the train stage says so in one line,
+    leaves no half-written checkpoint and keeps the previous one to resume from."""
+    import runpy
+
+    import torch
+
+    from gpt2lab import resume
+    from gpt2lab.checkpoint import random_checkpoint
+    from gpt2lab.dataset import parse_collection, split, write_split
+    from tests.conftest import TINY
+
+    root = tmp_path / "repo"
+    (root / "stages").mkdir(parents=True)
+    shutil.copy(ROOT / "stages" / "train.py", root / "stages" / "train.py")
+    (root / "params.yaml").write_text(yaml.safe_dump(
+        {"seed": 1, "lora": {"rank": 2}, "train": {"epochs": 2, "batch_size": 8, "max_length": 16, "precision": "fp32",
+                                                   "eval_freq": 50, "num_threads": 1}}))  # fmt: skip
+    random_checkpoint(TINY, 0, root / "models" / "base")
+    df = parse_collection(ROOT / "tests" / "fixtures" / "sms_small.tsv")
+    for name, part in split(df, 1, 0.7, 0.1).items():
+        write_split(part, root / "data" / "prepared" / f"{name}.csv")
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    real_save, saves = torch.save, []
+
+    def disk_full_on_the_second(obj, f, *args, **kwargs):
+        saves.append(f)
+        if len(saves) == 2:
+            Path(f).write_bytes(b"PK\x03\x04 half a zip")  # torch had begun writing
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4096")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(resume.torch, "save", disk_full_on_the_second)
+    stage = runpy.run_path(str(root / "stages" / "train.py"))
+    assert run(stage["main"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "could not write the training checkpoint" in line and "MiB free on that disk" in line
+    (kept,) = (root / resume.CHECKPOINTS_DIR).glob(f"*/{resume.CHECKPOINT_FILE}")
+    assert torch.load(kept, weights_only=True)["epoch"] == 1  # the first epoch's, intact
+    assert not list(root.rglob(".*.tmp")) and not (root / "models" / "classifier").exists()

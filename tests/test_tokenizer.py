@@ -82,3 +82,16 @@ def test_lone_surrogates_become_replacement_characters(text):
     ids = encode(text)
     assert all(0 <= i < VOCAB_SIZE for i in ids)
     assert decode(ids) == re.sub("[\ud800-\udfff]", "\ufffd", text)
+
+
+def test_the_longest_token_is_max_token_bytes():
+    enc = tokenizer.get_tokenizer()
+    longest = max(len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab) if i != tokenizer.EOT_TOKEN)
+    assert longest == tokenizer.MAX_TOKEN_BYTES
+
+
+@SOME
+@given(words=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=400), n=st.integers(1, 40))
+def test_a_text_cut_at_the_bound_keeps_its_first_tokens(words, n):
+    text = " ".join(words)
+    assert encode(text[: tokenizer.text_bound(n)])[:n] == encode(text)[:n]

@@ -216,3 +216,52 @@ def test_dirty_means_the_code_differs_not_the_pipelines_own_files(tmp_path: Path
     (tmp_path / "src/model.py").write_text("b\n")
     assert tracking.git_commit(tmp_path) == (commit, True)
     assert tracking.git_commit(Path("/")) == ("unknown", False)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_store_is_one_line_and_the_results_are_kept(repo: Path, monkeypatch, damage) -> None:
+    db = repo / "mlflow.db"
+    if damage == "garbage":
+        db.write_bytes(b"this is not an SQLite database at all" * 100)
+    else:
+        monkeypatch.setenv(tracking.ENV_URI, f"sqlite:///{db}")
+        log_pipeline_run(FILES, RECORD)  # a real store ...
+        db.write_bytes(db.read_bytes()[:5000])  # ... cut short
+    (repo / RECORD).unlink(missing_ok=True)
+    monkeypatch.setenv(tracking.ENV_URI, f"sqlite:///{db}")
+    with pytest.raises(TrackingError) as err:
+        log_pipeline_run(FILES, RECORD)
+    message = str(err.value)
+    assert "\n" not in message and f"if {db} is damaged, move it aside" in message
+    assert "re-run `dvc repro` once the store works" in message and not (repo / RECORD).exists()
+
+
+@pytest.mark.slow  # SQLite and MLflow retry for ~25 s before they give up
+def test_a_locked_store_is_one_line(repo: Path, monkeypatch) -> None:
+    import sqlite3
+
+    db = repo / "mlflow.db"
+    monkeypatch.setenv(tracking.ENV_URI, f"sqlite:///{db}")
+    log_pipeline_run(FILES, RECORD)
+    holder = sqlite3.connect(db)
+    holder.execute("BEGIN EXCLUSIVE")  # another program holds the database
+    try:
+        with pytest.raises(TrackingError, match="locked"):
+            log_pipeline_run(FILES, RECORD)
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_a_run_left_running_by_a_dead_process_is_closed_by_the_next(repo: Path, store_uri: str) -> None:
+    import socket as _socket
+
+    dead = subprocess.Popen(["true"])  # a process id that no longer runs
+    dead.wait()
+    client = _client(store_uri)
+    experiment = client.create_experiment(_experiment(repo))
+    left = client.create_run(experiment, tags={tracking.HOST_TAG: _socket.gethostname(), tracking.PID_TAG: str(dead.pid)})
+    alive = client.create_run(experiment, tags={tracking.HOST_TAG: _socket.gethostname(), tracking.PID_TAG: "1"})
+    log_pipeline_run(FILES, RECORD)
+    assert client.get_run(left.info.run_id).info.status == "KILLED"
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"  # its process (pid 1) still runs

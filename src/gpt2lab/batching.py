@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gpt2lab.dataset import read_split
-from gpt2lab.tokenizer import EOT_TOKEN, encode
+from gpt2lab.tokenizer import EOT_TOKEN, encode, text_bound
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ class SpamDataset(Dataset):
     """Tokenized messages with labels; item ``i`` is ``(token ids, label)``.
 
     Texts are tokenized once, here. A message longer than ``max_length`` tokens keeps its
-    FIRST ``max_length`` tokens (the end is cut). An empty message becomes ``[EOT_TOKEN]`` so
+    FIRST ``max_length`` tokens (the end is cut); only its first characters that can hold them
+    (:func:`gpt2lab.tokenizer.text_bound`) are tokenized at all. An empty message becomes ``[EOT_TOKEN]`` so
     every example has at least one token. ``labels=None`` (texts to classify) gives every
     item the label :data:`NO_LABEL`.
     """
@@ -40,7 +41,8 @@ class SpamDataset(Dataset):
             raise ValueError(f"max_length must be a positive number of tokens or None, got {max_length}")
         self.texts = list(texts)
         self.labels = [int(x) for x in labels] if labels is not None else [NO_LABEL] * len(self.texts)
-        ids = [encode(text) or [EOT_TOKEN] for text in self.texts]
+        bound = text_bound(max_length) if max_length is not None else None  # 100 MB of text: tokenize 130 KB
+        ids = [encode(text[:bound]) or [EOT_TOKEN] for text in self.texts]
         truncated = sum(max_length is not None and len(x) > max_length for x in ids)
         if truncated:
             log.info("truncated %d of %d texts to their first %d tokens", truncated, len(ids), max_length)

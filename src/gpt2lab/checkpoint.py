@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt2lab.errors import Gpt2labError
-from gpt2lab.fileio import atomic_dir, sha256_file, write_atomic
+from gpt2lab.fileio import atomic_dir, sha256_file, verify_folder, write_atomic, write_manifest
 from gpt2lab.model import GPT2, GPT2Config
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,8 @@ def save_checkpoint(
     source: str,
     extra_files: tuple[Path, ...] = (),
 ) -> Path:
-    """Write the canonical checkpoint folder atomically (see :func:`gpt2lab.fileio.atomic_dir`)."""
+    """Write the canonical checkpoint folder atomically (see :func:`gpt2lab.fileio.atomic_dir`),
+    its manifest last."""
     with atomic_dir(out_dir) as tmp:
         save_file(dict(state), str(tmp / MODEL_FILE), metadata={"format": "pt"})  # one key: Rust hash order would vary
         meta = {"model": cfg.to_dict(), "pretrained": pretrained, "source": source,
@@ -60,19 +61,47 @@ def save_checkpoint(
         write_atomic(tmp / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
         for f in extra_files:
             shutil.copy2(f, tmp / f.name)
+        write_manifest(tmp)
     return Path(out_dir)
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """The canonical ``config.json`` of a checkpoint folder."""
+    """The canonical ``config.json`` of a checkpoint folder (not verified: see :func:`verify_checkpoint`)."""
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(f"{path}: no {CONFIG_FILE}; convert the checkpoint first (gpt2lab convert)")
-    return json.loads(file.read_text())
+    try:
+        meta = json.loads(file.read_text())
+        GPT2Config.from_dict(meta["model"])
+        if not isinstance(meta["sha256"], str):
+            raise TypeError("sha256 is not a string")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{file}: not a gpt2lab checkpoint config ({type(err).__name__}: {err})") from err
+    return meta
+
+
+def verify_checkpoint(path: str | Path) -> str:
+    """Check every file of the checkpoint folder against its manifest; the sha256 of its weights.
+
+    Raises :class:`gpt2lab.fileio.IntegrityError` (one line, naming the file and both hashes) on
+    any difference, and :class:`CheckpointError` when ``config.json`` records other weights.
+    """
+    if not (Path(path) / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{path}: no {CONFIG_FILE}; convert the checkpoint first (gpt2lab convert)")
+    verified = verify_folder(path)  # before config.json is even read
+    meta = read_config(path)
+    actual = verified.get(MODEL_FILE)
+    if actual is None or meta["sha256"] != actual:
+        raise CheckpointError(
+            f"{path}/{CONFIG_FILE} records weights sha256 {meta['sha256']}, but {MODEL_FILE} has sha256 {actual}; "
+            "the folder mixes two checkpoints: convert or fetch it again"
+        )
+    return actual
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> GPT2:
-    """Load a canonical checkpoint folder; returns the model in eval mode."""
+    """Load a canonical checkpoint folder, its bytes verified first; returns the model in eval mode."""
+    verify_checkpoint(path)
     meta = read_config(path)
     cfg = GPT2Config.from_dict(meta["model"])
     if not meta.get("pretrained", False):

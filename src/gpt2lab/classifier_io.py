@@ -17,10 +17,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gpt2lab.checkpoint import CONFIG_FILE, CheckpointError, load_model, read_config
+from gpt2lab.checkpoint import CONFIG_FILE, load_model, read_config, verify_checkpoint
 from gpt2lab.classifier import ClassifierError, SpamClassifier
 from gpt2lab.dataset import CLASS_NAMES
-from gpt2lab.fileio import atomic_dir
+from gpt2lab.fileio import atomic_dir, verify_folder, write_atomic, write_manifest
 from gpt2lab.lora import ADAPTER_FILE, LoRAConfig, load_adapter, merge, save_adapter
 
 log = logging.getLogger(__name__)
@@ -108,15 +108,31 @@ def save_classifier(
             "files": files,
             **(extra or {}),
         }  # fmt: skip
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_atomic(tmp / META_FILE, json.dumps(meta, indent=2) + "\n")
+        write_manifest(tmp)  # last: it vouches for every file above
     return Path(out_dir)
 
 
 def read_classifier_meta(path: str | Path) -> dict[str, Any]:
+    """The folder's ``classifier.json``, its shape checked (not its bytes: see :func:`load_classifier`)."""
     file = Path(path) / META_FILE
     if not file.is_file():
         raise ClassifierError(f"{path}: no {META_FILE}; not a trained classifier folder (run the train stage)")
-    return json.loads(file.read_text())
+    try:
+        meta = json.loads(file.read_text())
+        ok = (
+            meta["mode"] in ("lora", "last_block", "full")
+            and isinstance(meta["labels"], list) and len(meta["labels"]) == 2
+            and all(isinstance(label, str) for label in meta["labels"])
+            and isinstance(meta["max_length"], int) and meta["max_length"] > 0
+            and isinstance(meta["base"]["sha256"], str) and isinstance(meta["base"]["path"], str)
+            and isinstance(meta["files"]["head"], str)
+        )  # fmt: skip
+        if not ok:
+            raise ValueError("a field has a value of the wrong kind")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ClassifierError(f"{file}: not a gpt2lab classifier description ({type(err).__name__}: {err})") from err
+    return meta
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -138,22 +154,25 @@ def load_classifier(
         base_dir: the base checkpoint folder; default: the path recorded at training time.
         merged: fold LoRA adapters into the base weights (inference then costs what the base does).
 
-    Raises :class:`BaseCheckpointMissingError` if the base checkpoint is not there, and
-    :class:`ClassifierError` if a file is missing or the base checkpoint's sha256 differs from
-    the one the classifier was trained on.
+    Raises :class:`gpt2lab.fileio.IntegrityError` if a byte of either folder differs from its
+    manifest, :class:`BaseCheckpointMissingError` if the base checkpoint is not there, and
+    :class:`ClassifierError` if a file is missing or the base checkpoint's weights differ from
+    the ones the classifier was trained on.
     """
     path = Path(path)
+    if not (path / META_FILE).is_file():
+        raise ClassifierError(f"{path}: no {META_FILE}; not a trained classifier folder (run the train stage)")
+    verify_folder(path)  # every byte of the folder, classifier.json included, before it is read
     meta = read_classifier_meta(path)
     base_dir = Path(base_dir if base_dir is not None else meta["base"]["path"])
-    try:
-        base_meta = read_config(base_dir)
-    except CheckpointError as err:
-        raise BaseCheckpointMissingError(path, base_dir, meta["base"]["path"], meta["base"]["sha256"]) from err
     want = meta["base"]["sha256"]
-    if base_meta.get("sha256") != want:
+    if not (base_dir / CONFIG_FILE).is_file():
+        raise BaseCheckpointMissingError(path, base_dir, meta["base"]["path"], want)
+    actual = verify_checkpoint(base_dir)  # the base's bytes, not what its config.json says
+    if actual != want:
         raise ClassifierError(
-            f"{path}: trained on base checkpoint sha256 {want}, but {base_dir} has sha256 "
-            f"{base_meta.get('sha256')}; use the base it was trained on (or retrain)"
+            f"{path}: trained on base checkpoint sha256 {want}, but the weights in {base_dir} have sha256 "
+            f"{actual}; use the base it was trained on (or retrain)"
         )
     body = load_model(base_dir)
     if meta["mode"] == "lora":

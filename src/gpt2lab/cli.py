@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from gpt2lab import __version__
 from gpt2lab.errors import Gpt2labError
 from gpt2lab.params import MAX_SEED, GenerateParams
+from gpt2lab.server import MAX_REQUEST_BYTES
 from gpt2lab.stage import run
 
 Command = Callable[[argparse.Namespace], int | None]
@@ -60,11 +61,19 @@ def _generate(args: argparse.Namespace) -> None:
     logging.getLogger("gpt2lab.cli").info("%d tokens in %.2f s", n, time.perf_counter() - t0)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from gpt2lab.server import serve
+
+    if args.max_request_mb <= 0 or args.timeout <= 0:
+        raise Gpt2labError("--max-request-mb and --timeout must be positive")
+    serve(args.model, args.host, args.port, max_request_bytes=int(args.max_request_mb * 2**20), timeout_s=args.timeout)
+
+
 def _smoke(args: argparse.Namespace) -> int:
     from gpt2lab.smoke import run_smoke
 
-    extra = (["-n", args.name] if args.name else []) + [a for kv in args.set_param for a in ("-S", kv)]
-    return run_smoke(".", extra + args.dvc_args)
+    extra = (["-n", args.name] if args.name else []) + args.dvc_args
+    return run_smoke(".", extra, args.set_param)
 
 
 def _read_messages(path: str) -> list[str]:
@@ -159,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=32, help="messages per forward pass (default: %(default)s)")
     p.set_defaults(func=_classify)
+
+    p = sub.add_parser("serve", help="serve a logged classifier over HTTP (MLflow's scoring API, with request limits)")
+    p.add_argument("model", help="MLflow model URI: runs:/<run id>/model, models:/<name>@<alias>, or a model folder")
+    p.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    p.add_argument("--port", type=int, default=5001, help="default: %(default)s")
+    p.add_argument("--max-request-mb", type=float, default=MAX_REQUEST_BYTES / 2**20,
+                   help="larger requests are answered 413 unread (default: %(default)s)")  # fmt: skip
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds of work per request; then 504 and the work stops (default: %(default)s)")  # fmt: skip
+    p.set_defaults(func=_serve)
     return parser
 
 

@@ -217,11 +217,25 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-def convert_checkpoint(src: str | Path, out_dir: str | Path) -> Path:
-    """Convert an OpenAI or Hugging Face checkpoint (auto-detected) into ``out_dir``."""
+def check_size(cfg: GPT2Config, expected: GPT2Config, what: str) -> None:
+    """Raise :class:`CheckpointError` when ``cfg``'s sizes are not ``expected``'s, naming each difference."""
+    keys = ("n_layer", "n_embd", "n_head", "n_ctx", "vocab_size")
+    diff = [f"{k} {getattr(cfg, k)} (expected {getattr(expected, k)})"
+            for k in keys if getattr(cfg, k) != getattr(expected, k)]  # fmt: skip
+    if diff:
+        raise CheckpointError(f"{what} has {', '.join(diff)}: it is not the model asked for")
+
+
+def convert_checkpoint(src: str | Path, out_dir: str | Path, *, expected: GPT2Config | None = None) -> Path:
+    """Convert an OpenAI or Hugging Face checkpoint (auto-detected) into ``out_dir``.
+
+    With ``expected``, a checkpoint of other sizes is refused before anything is written.
+    """
     src = Path(src)
     fmt = detect_format(src)
     state, cfg = read_openai_checkpoint(src) if fmt == "openai" else read_hf_checkpoint(src)
+    if expected is not None:
+        check_size(cfg, expected, str(src))
     folder = src if src.is_dir() else src.parent
     tok_names = OPENAI_TOKENIZER_FILES if fmt == "openai" else HF_TOKENIZER_FILES
     extras = tuple(folder / n for n in tok_names if (folder / n).is_file())

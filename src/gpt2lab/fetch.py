@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from urllib3.util.retry import Retry
 
 from gpt2lab.errors import Gpt2labError
-from gpt2lab.fileio import sha256_file, write_atomic
+from gpt2lab.fileio import sha256_file, sha256_known, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,6 @@ class ChecksumError(Gpt2labError, RuntimeError):
 
 class UnsafeArchiveError(Gpt2labError, ValueError):
     """An archive entry could land outside the extraction folder (absolute path, ``..``, link)."""
-
-
-def cache_dir() -> Path:
-    """Where downloads are cached: ``$GPT2LAB_CACHE``, default ``~/.cache/gpt2lab``."""
-    return Path(os.environ.get("GPT2LAB_CACHE", Path.home() / ".cache" / "gpt2lab"))
 
 
 def _session(retries: int) -> requests.Session:
@@ -391,22 +386,28 @@ def fetch_cached(
     retries: int = 3,
     fetcher: Callable[..., Path] = fetch,
 ) -> Path:
-    """``dest`` in the download cache: kept if already there, else fetched with :func:`fetch_first`.
+    """``dest`` in the download cache: kept if its bytes verify, else fetched with :func:`fetch_first`.
 
     Everything happens under :func:`cache_lock`, so processes sharing the cache never write the
     same ``.part`` file or extract into the same place at once: the second one waits, then finds
-    the finished file and downloads nothing. A cached file is checked against ``sha256`` (when
-    given); one that fails it is deleted and fetched again.
+    the finished file and downloads nothing. A cached file is used only if its bytes match
+    ``sha256`` or, when none is given, the sha256 recorded beside it (``.<name>.sha256``) when it
+    was downloaded and verified; otherwise it is deleted and fetched again.
     """
     dest = Path(dest)
+    record = dest.with_name(f".{dest.name}.sha256")
     with cache_lock(dest):
         if dest.is_file():
-            if sha256 is None or sha256_file(dest) == sha256:
+            expected = sha256 or (record.read_text().strip() if record.is_file() else None)
+            actual = sha256_known(dest)
+            if actual == expected:
                 log.debug("%s: already in the cache", dest)
                 return dest
-            log.warning("%s is corrupt (sha256 mismatch); fetching it again", dest)
+            why = f"sha256 {actual}, expected {expected}" if expected else "no record of its sha256"
+            log.warning("cached %s does not verify (%s); fetching it again", dest, why)
             dest.unlink()
         path, _ = fetch_first(sources, dest, sha256=sha256, timeout_s=timeout_s, retries=retries, fetcher=fetcher)
+        write_atomic(record, sha256_known(path) + "\n")
         return path
 
 

@@ -7,11 +7,12 @@ padded per batch); results come back in input order.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from gpt2lab.batching import SpamDataset, collate
@@ -20,15 +21,24 @@ from gpt2lab.classifier_io import load_classifier, read_classifier_meta
 from gpt2lab.dataset import CLASS_NAMES
 from gpt2lab.devices import autocast
 
+TEXT_COLUMN = "text"  # a DataFrame's column of messages (also the served model's input column)
+
 
 @torch.inference_mode()
 def predict_proba(
-    model: SpamClassifier, texts: Sequence[str], batch_size: int = 32, precision: str = "bf16"
+    model: SpamClassifier,
+    texts: Sequence[str],
+    batch_size: int = 32,
+    precision: str = "bf16",
+    *,
+    stop: Callable[[], str | None] | None = None,
 ) -> np.ndarray:
     """Spam probability (N,) of each text, in input order.
 
     Texts are tokenized, cut to ``model.max_length`` tokens and batched by length (sorted,
-    then padded per batch) so little time goes into padding.
+    then padded per batch) so little time goes into padding. ``stop`` is asked before each
+    batch; when it returns a reason, :class:`StoppedError` is raised (a server's deadline or
+    shutdown: the work stops within one batch).
     """
     dataset = SpamDataset(texts, None, model.max_length)
     order = np.argsort(dataset.lengths, kind="stable")
@@ -36,6 +46,8 @@ def predict_proba(
     model.eval()
     device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
+        if stop is not None and (reason := stop()):
+            raise StoppedError(f"classification stopped after {start} of {len(order)} messages: {reason}")
         idx = order[start : start + batch_size]
         batch = collate([dataset[int(i)] for i in idx]).to(device)
         with autocast(precision):
@@ -48,13 +60,25 @@ class InvalidTextError(ClassifierError, TypeError):
     """What was passed to classify is not a list of strings; the message names the first bad item."""
 
 
+class StoppedError(ClassifierError, TimeoutError):
+    """Classification was stopped before the end (a deadline passed, or the server is shutting down)."""
+
+
 def check_texts(texts: Any) -> list[str]:
     """``texts`` as a list of ``str``; raise :class:`InvalidTextError` for a lone string or a non-string item.
 
-    A lone ``str`` is refused rather than read as a sequence of one-character messages.
+    Accepted: a list, tuple or other iterable of strings, a pandas Series, or a DataFrame with a
+    ``text`` column (its messages). A lone ``str`` is refused rather than read as a sequence of
+    one-character messages; ``None``/NaN items are refused, never read as the text "None".
     """
     if isinstance(texts, (str, bytes)):
         raise InvalidTextError(f"expected a list of messages, got a single {type(texts).__name__}; wrap it: [text]")
+    if isinstance(texts, pd.DataFrame):  # iterating one would give its column names
+        if TEXT_COLUMN not in texts.columns:
+            raise InvalidTextError(
+                f"a DataFrame of messages needs a {TEXT_COLUMN!r} column; it has {list(texts.columns)}"
+            )
+        texts = texts[TEXT_COLUMN]
     try:
         items = list(texts)
     except TypeError:
@@ -73,10 +97,14 @@ class Classifier:
 
     - an empty message is read as the end-of-text token alone (it still gets a probability);
     - a message longer than ``max_length`` tokens (the model's context, 1024 for GPT-2, unless
-      training set ``train.max_length``) is truncated: its FIRST ``max_length`` tokens are read;
+      training set ``train.max_length``) is truncated: its FIRST ``max_length`` tokens are read,
+      and only its first ``(max_length + 1) * 128`` characters are tokenized, so a huge message
+      costs what a long one does;
     - emoji and any other Unicode go through GPT-2's byte-level BPE unchanged (a lone surrogate
       becomes U+FFFD);
-    - a non-string item, or a single string instead of a list, raises :class:`InvalidTextError`.
+    - a DataFrame is read from its ``text`` column;
+    - a non-string item (``None`` included), or a single string instead of a list, raises
+      :class:`InvalidTextError`.
 
     Example::
 
@@ -137,17 +165,17 @@ class Classifier:
         """Messages are cut to this many tokens (their first ones are kept)."""
         return self.model.max_length
 
-    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
-        """Spam probability (N,) float64 of each message, in input order."""
-        return predict_proba(self.model, check_texts(texts), self.batch_size, self.precision)
+    def predict_proba(self, texts: Sequence[str], *, stop: Callable[[], str | None] | None = None) -> np.ndarray:
+        """Spam probability (N,) float64 of each message, in input order (``stop``: see :func:`predict_proba`)."""
+        return predict_proba(self.model, check_texts(texts), self.batch_size, self.precision, stop=stop)
 
     def predict(self, texts: Sequence[str]) -> list[str]:
         """Label (``"spam"`` or ``"ham"``) of each message, in input order."""
         return [self.labels[int(p >= self.threshold)] for p in self.predict_proba(texts)]
 
-    def classify(self, texts: Sequence[str]) -> list[dict[str, Any]]:
+    def classify(self, texts: Sequence[str], *, stop: Callable[[], str | None] | None = None) -> list[dict[str, Any]]:
         """``[{"label": "spam", "probability": 0.97}, ...]``: both answers in one pass."""
-        probs = self.predict_proba(texts)
+        probs = self.predict_proba(texts, stop=stop)
         return [{"label": self.labels[int(p >= self.threshold)], "probability": float(p)} for p in probs]
 
 

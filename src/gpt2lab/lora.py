@@ -271,7 +271,12 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict[str, Any]:
     file = Path(adapter_dir) / ADAPTER_META
     if not file.is_file():
         raise LoRAError(f"{adapter_dir}: no {ADAPTER_META}; not an adapter folder")
-    return json.loads(file.read_text())
+    try:
+        meta = json.loads(file.read_text())
+        LoRAConfig(int(meta["rank"]), float(meta["alpha"]), float(meta.get("dropout", 0.0)), tuple(meta["targets"]))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise LoRAError(f"{file}: not a LoRA adapter description ({type(err).__name__}: {err})") from err
+    return meta
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, *, base_sha256: str | None) -> LoRAConfig:

@@ -402,11 +402,11 @@ class Params:
         return flat
 
 
-def load_params(path: str | Path = "params.yaml", sections: typing.Iterable[str] | None = None) -> Params:
-    """Read and validate ``params.yaml``; any problem with it raises :class:`ParamsError` (one line)."""
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in ``path`` (``{}`` when empty); any problem raises :class:`ParamsError` (one line)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as err:
         raise ParamsError(f"{path}: cannot read it ({err.strerror or err}); run from the project root") from err
     except UnicodeDecodeError as err:
@@ -416,7 +416,11 @@ def load_params(path: str | Path = "params.yaml", sections: typing.Iterable[str]
         where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
         why = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ParamsError(f"{where}: not valid YAML ({why})") from err
-    return Params.from_dict(raw, sections)
+
+
+def load_params(path: str | Path = "params.yaml", sections: typing.Iterable[str] | None = None) -> Params:
+    """Read and validate ``params.yaml``; any problem with it raises :class:`ParamsError` (one line)."""
+    return Params.from_dict(read_yaml(path), sections)
 
 
 def flatten(data: typing.Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -41,8 +41,12 @@ def save_figure(fig, *paths: str | Path) -> list[Path]:
         for path in map(Path, paths):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-            fig.savefig(tmp, dpi=100, metadata=_STABLE_METADATA.get(path.suffix))
-            os.replace(tmp, path)
+            try:
+                fig.savefig(tmp, dpi=100, metadata=_STABLE_METADATA.get(path.suffix))
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             written.append(path)
     finally:
         plt.close(fig)

@@ -14,20 +14,30 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gpt2lab.errors import Gpt2labError
 from gpt2lab.fileio import sha256_file
 from gpt2lab.params import LoRAParams, TrainParams, neutral_keys
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINTS_DIR = "models/.train-checkpoints"  # under the repository root (not a stage output)
 # Settings that do not change the result: a checkpoint written under other values still resumes.
 NOT_FINGERPRINTED = neutral_keys(TrainParams)
+
+
+def checkpoints_root() -> Path:
+    """Where training checkpoints live: under the repository root (``DVC_ROOT``, which DVC sets to
+    the original repository also in ``--temp`` and ``--queue`` runs), so that a rerun of an
+    interrupted experiment, in a new temporary copy, finds its checkpoint."""
+    return Path(os.environ.get("DVC_ROOT") or ".") / CHECKPOINTS_DIR
 
 
 def fingerprint(lora: LoRAParams, train: TrainParams, seed: int, base_sha256: str, data_files: Sequence[Path]) -> str:
@@ -47,12 +57,25 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
+class CheckpointWriteError(Gpt2labError, OSError):
+    """The training checkpoint could not be written (a full disk, most often)."""
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write a resumable checkpoint atomically (temp file + rename)."""
+    """Write a resumable checkpoint atomically (temp file + rename); the previous one stays on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError of its zip writer
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise CheckpointWriteError(
+            f"could not write the training checkpoint {path} ({first}); {free / 2**20:.0f} MiB free on that disk: "
+            "free some space and run it again (it resumes from the previous checkpoint)"
+        ) from err
 
 
 def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
@@ -71,7 +94,7 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
 
 
 def remove_checkpoint(checkpoint_dir: str | Path) -> None:
-    """Delete the resumable checkpoint in ``checkpoint_dir`` (and the folder, when left empty).
+    """Delete the resumable checkpoint in ``checkpoint_dir`` (and the folder and its parent, when left empty).
 
     Call it only once the run's results are safe everywhere they go: until then a re-run
     resumes from the checkpoint (the last one is taken at the final step) instead of step 0.
@@ -80,8 +103,9 @@ def remove_checkpoint(checkpoint_dir: str | Path) -> None:
     path = folder / CHECKPOINT_FILE
     path.unlink(missing_ok=True)
     _tmp(path).unlink(missing_ok=True)  # left by a kill while a checkpoint was written
-    with contextlib.suppress(OSError):  # absent, or holds other files: leave it
-        folder.rmdir()
+    for empty in (folder, folder.parent):
+        with contextlib.suppress(OSError):  # absent, or holds other files (another run's): leave it
+            empty.rmdir()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,23 +9,30 @@
 - a signature (input column ``text`` string; outputs ``label`` string, ``probability`` double),
   an input example, and pip requirements pinned to the versions installed here.
 
-Served with ``mlflow models serve -m runs:/<run id>/model --env-manager local``, POST
+Served with :func:`gpt2lab.server.serve` (``gpt2lab serve MODEL_URI``: MLflow's own scoring
+app behind a request guard) or ``mlflow models serve -m runs:/<run id>/model --env-manager local``, POST
 ``/invocations`` with ``{"dataframe_records": [{"text": "..."}]}`` or
 ``{"inputs": {"text": ["...", "..."]}}`` answers
 ``{"predictions": [{"label": "spam", "probability": 0.97}, ...]}``, in input order. A body that
 is not JSON, a missing ``text`` column, a value that is not a string (``dataframe_records`` and
 ``dataframe_split`` keep JSON's types) or text that is not valid Unicode gets HTTP 400 with the
-reason. With ``inputs`` MLflow itself casts values to the signature's string type first, so a
-number there is read as its digits. Messages are read as :class:`gpt2lab.Classifier` reads them
-(empty -> end-of-text token, longer than the context -> first tokens kept).
+reason. Messages are read as :class:`gpt2lab.Classifier` reads them (empty -> end-of-text token,
+longer than the context -> first tokens kept, only a bounded prefix tokenized).
+
+The work of a request is bounded either way: the model stops between batches once
+``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT`` (the timeout after which MLflow answers 504) has
+passed, so a client that gives up leaves no work running; :mod:`gpt2lab.server` adds the
+limits MLflow's app lacks.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +40,14 @@ import pandas as pd
 
 from gpt2lab.classifier_io import read_classifier_meta
 from gpt2lab.fileio import write_atomic
-from gpt2lab.inference import Classifier, InvalidTextError
+from gpt2lab.inference import Classifier, InvalidTextError, StoppedError
+from gpt2lab.server import INPUT_COLUMN, STOPPING, TIMEOUT_ENV
 from gpt2lab.tokenizer import _ranks_path
 
 log = logging.getLogger(__name__)
 
 MODEL_CODE = Path(__file__).with_name("serving_model.py")
 PACKAGE_DIR = Path(__file__).parent
-INPUT_COLUMN = "text"
 INPUT_EXAMPLE = ["You won $1000! Claim now.", "see you at lunch?"]
 # What `import gpt2lab.inference` needs at serving time (mlflow itself serves the model).
 REQUIREMENTS = ("torch", "numpy", "pandas", "safetensors", "tiktoken", "PyYAML", "requests", "filelock", "tqdm", "mlflow")
@@ -69,13 +76,24 @@ class SpamPyfunc:
     # model_input has no annotation on purpose: MLflow would try to derive the signature from it.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """A DataFrame with a ``text`` column (or a list of strings) -> DataFrame ``label, probability``."""
-        texts = _texts(model_input)
-        try:
-            results = self.classifier.classify(texts)
-        except InvalidTextError as err:
-            from mlflow.exceptions import MlflowException  # local: only a served model reaches here
+        from mlflow.exceptions import MlflowException  # local: importing this module does not import mlflow
+        from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
+        texts = _texts(model_input)
+        deadline = time.monotonic() + float(os.environ.get(TIMEOUT_ENV, 60))
+
+        def stop() -> str | None:
+            if STOPPING.is_set():
+                return "the server is shutting down"
+            return f"the request took longer than {TIMEOUT_ENV}" if time.monotonic() > deadline else None
+
+        try:
+            results = self.classifier.classify(texts, stop=stop)
+        except InvalidTextError as err:
             raise MlflowException.invalid_parameter_value(f"{err} (column {INPUT_COLUMN!r} must hold strings)") from err
+        except StoppedError as err:
+            log.warning("%s", err)  # after a 504 nobody else hears of it
+            raise MlflowException(str(err), error_code=TEMPORARILY_UNAVAILABLE) from err  # HTTP 503
         return pd.DataFrame(results, columns=["label", "probability"])
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -20,9 +22,10 @@ from typing import Any
 
 import yaml
 
-from gpt2lab.params import Params, ParamsError, flatten
+from gpt2lab.params import Params, ParamsError, flatten, read_yaml
 
 SMOKE_FILE = "params-smoke.yaml"
+TEMP_COPIES = ".dvc/tmp/exps/standalone"  # where `dvc exp run --temp` makes its copy of the repository
 _BARE = re.compile(r"[A-Za-z_][A-Za-z0-9_./:+-]*")  # what Hydra's override grammar reads unquoted
 
 
@@ -37,10 +40,18 @@ def override_value(value: Any) -> str:
     return json.dumps(value)  # numbers, booleans, null
 
 
-def load_overrides(path: str | Path, params_path: str | Path = "params.yaml") -> dict[str, Any]:
-    """The profile's ``{"section.key": value}``, checked against ``params.yaml`` before anything runs."""
-    overrides = flatten(yaml.safe_load(Path(path).read_text()) or {})
-    base = yaml.safe_load(Path(params_path).read_text()) or {}
+def parse_set_param(arg: str) -> tuple[str, Any]:
+    """``"lora.rank=4"`` -> ``("lora.rank", 4)``: the value read as YAML, as Hydra reads simple overrides."""
+    key, sep, text = arg.partition("=")
+    if not sep or not key:
+        raise ParamsError(f"-S {arg}: expected KEY=VALUE, e.g. -S lora.rank=4")
+    try:
+        return key, yaml.safe_load(text)
+    except yaml.YAMLError:
+        return key, text  # left to DVC's own parser
+
+
+def _merged(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     merged = json.loads(json.dumps(base))  # a deep copy
     for key, value in overrides.items():
         section, _, name = key.partition(".")
@@ -48,10 +59,28 @@ def load_overrides(path: str | Path, params_path: str | Path = "params.yaml") ->
             merged.setdefault(section, {})[name] = value
         else:
             merged[section] = value
+    return merged
+
+
+def load_overrides(
+    path: str | Path, params_path: str | Path = "params.yaml", set_params: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The profile's ``{"section.key": value}``, then ``-S KEY=VALUE`` overrides over it; all of
+    params.yaml as the experiment will see it is validated before anything runs (a bad value costs
+    no stage its outputs and leaves no MLflow run)."""
+    profile = read_yaml(path)
+    if not isinstance(profile, dict):
+        raise ParamsError(f"{path}: expected a mapping of params sections, got {type(profile).__name__}")
+    overrides = flatten(profile)
     try:
-        Params.from_dict(merged)
+        Params.from_dict(_merged(read_yaml(params_path), overrides))
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}") from err
+    extra = dict(parse_set_param(arg) for arg in set_params)
+    try:
+        Params.from_dict(_merged(read_yaml(params_path), {**overrides, **extra}))
+    except ParamsError as err:
+        raise ParamsError(f"-S: {err}") from err
     return overrides
 
 
@@ -60,11 +89,15 @@ def set_param_args(overrides: Mapping[str, Any]) -> list[str]:
     return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={override_value(value)}")]
 
 
-def smoke_command(root: str | Path = ".", extra: Sequence[str] = ()) -> list[str]:
-    """The ``dvc exp run --temp`` command line of the smoke profile, plus ``extra`` DVC arguments."""
+def smoke_command(root: str | Path = ".", extra: Sequence[str] = (), set_params: Sequence[str] = ()) -> list[str]:
+    """The ``dvc exp run --temp`` command line of the smoke profile, with ``-S`` ``set_params`` over it
+    and ``extra`` DVC arguments; raises :class:`ParamsError` before anything runs if a value is bad."""
     root = Path(root)
-    overrides = load_overrides(root / SMOKE_FILE, root / "params.yaml")
-    return [sys.executable, "-m", "dvc", "exp", "run", "--temp", *set_param_args(overrides), *extra]
+    overrides = load_overrides(root / SMOKE_FILE, root / "params.yaml", set_params)
+    given = dict(parse_set_param(arg) for arg in set_params)
+    profile = {k: v for k, v in overrides.items() if k not in given}  # the user's -S wins
+    return [sys.executable, "-m", "dvc", "exp", "run", "--temp", *set_param_args(profile),
+            *(a for kv in set_params for a in ("-S", kv)), *extra]  # fmt: skip
 
 
 def stage_env() -> dict[str, str]:
@@ -75,8 +108,38 @@ def stage_env() -> dict[str, str]:
     return env
 
 
-def run_smoke(root: str | Path = ".", extra: Sequence[str] = ()) -> int:
-    """Run the smoke profile; returns DVC's exit status."""
-    cmd = smoke_command(root, extra)
+def run_smoke(root: str | Path = ".", extra: Sequence[str] = (), set_params: Sequence[str] = ()) -> int:
+    """Run the smoke profile; returns DVC's exit status.
+
+    Ctrl-C reaches DVC and the stage it runs directly (one process group), so the stage stops
+    as it would alone: training keeps its checkpoint under the repository root, and the same
+    command again resumes it. The temporary copy DVC leaves behind after an interruption is
+    removed.
+    """
+    cmd = smoke_command(root, extra, set_params)
     print("$ dvc " + " ".join(cmd[3:]), flush=True)
-    return subprocess.run(cmd, cwd=root, env=stage_env(), check=False).returncode
+    copies = Path(root) / TEMP_COPIES
+    before = set(copies.iterdir()) if copies.is_dir() else set()
+    proc = subprocess.Popen(cmd, cwd=root, env=stage_env())
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # DVC hears Ctrl-C itself; wait for it to stop
+    try:
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if code and copies.is_dir():
+        for left in set(copies.iterdir()) - before:
+            if not _in_use(left):
+                shutil.rmtree(left, ignore_errors=True)
+    return code
+
+
+def _in_use(folder: Path) -> bool:
+    """Whether a running process works in ``folder`` (another experiment's copy, not ours to remove)."""
+    folder = folder.resolve()
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if Path(os.readlink(cwd)).is_relative_to(folder):
+                return True
+        except OSError:
+            continue
+    return False

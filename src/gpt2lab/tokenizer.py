@@ -17,13 +17,15 @@ from tiktoken.load import load_tiktoken_bpe
 from tiktoken_ext.openai_public import r50k_pat_str
 
 from gpt2lab.errors import Gpt2labError
-from gpt2lab.fetch import DownloadError, cache_dir, fetch_cached
+from gpt2lab.fetch import DownloadError, fetch_cached
+from gpt2lab.fileio import cache_dir
 
 log = logging.getLogger(__name__)
 
 EOT_TOKEN = 50256
 EOT_TEXT = "<|endoftext|>"
 VOCAB_SIZE = 50257
+MAX_TOKEN_BYTES = 128  # the longest GPT-2 token (tests/test_tokenizer.py checks it against the ranks)
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 RANKS_SOURCES = ("pypi://openai-whisper==20250625/whisper/assets/gpt2.tiktoken",)
 
@@ -71,3 +73,10 @@ def encode(text: str) -> list[int]:
 
 def decode(ids: list[int]) -> str:
     return get_tokenizer().decode(ids)
+
+
+def text_bound(max_tokens: int) -> int:
+    """Characters of a text that always hold its first ``max_tokens`` tokens (each token is at most
+    :data:`MAX_TOKEN_BYTES` bytes, so at most that many characters; one token more for the word
+    cut at the bound). Cutting a text there before encoding bounds the work for any input size."""
+    return (max_tokens + 1) * MAX_TOKEN_BYTES

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import socket
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ DIRTY_TAG = "gpt2lab.git_dirty"
 EXP_NAME_TAG = "dvc.exp_name"
 BASELINE_TAG = "dvc.baseline_rev"
 FALLBACK_TAG = "gpt2lab.fallback_from"  # the unreachable server this run should have gone to
+HOST_TAG, PID_TAG = "gpt2lab.host", "gpt2lab.pid"  # who is logging: a run left RUNNING by a dead process is closed
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
 PARAMS_BATCH = 100  # ... and of params
 
@@ -323,10 +325,31 @@ def _experiment_id(client: Any, name: str, store: Store) -> str:
     return experiment.experiment_id
 
 
+def _close_abandoned_runs(client: Any, experiment_id: str) -> None:
+    """Mark KILLED the runs this machine left RUNNING: their ``track`` process died (SIGKILL, power)."""
+    host = socket.gethostname()
+    running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=200)
+    for run in running:
+        tags = run.data.tags
+        if tags.get(HOST_TAG) == host and tags.get(PID_TAG, "").isdigit() and not _alive(int(tags[PID_TAG])):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            log.warning("MLflow run %s was left RUNNING by a process that died; marked KILLED", run.info.run_id)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _run_tags(workdir: Path, files: PipelineFiles, store: Store) -> dict[str, str]:
     commit, dirty = git_commit(workdir)
     tags = {COMMIT_TAG: commit, DIRTY_TAG: str(dirty).lower(), "mlflow.source.name": "dvc.yaml",
-            "mlflow.source.type": "PROJECT"}  # fmt: skip
+            "mlflow.source.type": "PROJECT", HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}  # fmt: skip
     if os.environ.get("DVC_EXP_NAME"):
         tags[EXP_NAME_TAG] = os.environ["DVC_EXP_NAME"]
     if os.environ.get("DVC_EXP_BASELINE_REV"):
@@ -370,24 +393,28 @@ def log_pipeline_run(files: PipelineFiles, record: str | Path, params_file: str 
     raw = yaml.safe_load(params_file.read_text()) or {}
     tracking = load_params(params_file, sections=["tracking"]).tracking
     store = choose_store(tracking, repo_root())
-    from mlflow.exceptions import MlflowException
-
     name = os.environ.get("DVC_EXP_NAME") or f"repro-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     client, run_id = None, None
     try:
         with _store_lock(store):
             client = _client(store)
             experiment_id = _experiment_id(client, tracking.experiment, store)
+            _close_abandoned_runs(client, experiment_id)
             run_id = client.create_run(experiment_id, run_name=name, tags=_run_tags(workdir, files, store)).info.run_id
             model_uri = _log_everything(RunLogger(client, run_id, store), raw, files, params_file)
             client.set_terminated(run_id, status="FINISHED")
-    except (MlflowException, OSError, ValueError) as err:  # ValueError: requests' and JSON's errors too
+    except TrackingError:
+        raise
+    except Exception as err:  # MLflow's, SQLAlchemy's (a damaged or locked database), requests', OS errors
         if client is not None and run_id is not None:
             with contextlib.suppress(Exception):
                 client.set_terminated(run_id, status="FAILED")
+        damaged = sqlite_path(store.uri) is not None and "database" in str(err).lower()
+        hint = f"; if {sqlite_path(store.uri)} is damaged, move it aside" if damaged else ""
         raise TrackingError(
-            f"could not log the pipeline's results to MLflow store {store.uri} ({_first_line(err)}); "
-            "the results are kept: re-run `dvc repro` once the store works (only `track` runs)"
+            f"could not log the pipeline's results to MLflow store {store.uri} ({type(err).__name__}: "
+            f"{_first_line(err)}){hint}; the results are kept: re-run `dvc repro` once the store works "
+            "(only `track` runs)"
         ) from err
     except BaseException:
         if client is not None and run_id is not None:

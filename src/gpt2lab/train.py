@@ -278,10 +278,10 @@ def setup(
     )
     checkpointer = None
     if checkpoint_dir is not None:
+        key = fingerprint(lora, train, seed, base_meta["sha256"], files)
         checkpointer = Checkpointer(
-            Path(checkpoint_dir) / CHECKPOINT_FILE, fingerprint(lora, train, seed, base_meta["sha256"], files),
-            train.checkpoint_every, steps_per_epoch, total_steps,
-        )  # fmt: skip
+            Path(checkpoint_dir) / key[:16] / CHECKPOINT_FILE, key, train.checkpoint_every, steps_per_epoch, total_steps
+        )
     run = Run(
         train=train, seed=seed, base_dir=base_dir, base_meta=base_meta, lora=lora_cfg, model=model,
         optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
@@ -359,7 +359,8 @@ def finish(run: Run, out_dir: str | Path) -> dict[str, Any]:
         "base_pretrained": bool(run.base_meta.get("pretrained", False)),
     }
     log.info("trained in %.0f s: val accuracy %.4f", metrics["wall_time_s"], metrics["val_accuracy"])
-    return {"metrics": metrics, "history": p.history, "out_dir": str(out_dir)}
+    folder = str(run.checkpointer.path.parent) if run.checkpointer else None
+    return {"metrics": metrics, "history": p.history, "out_dir": str(out_dir), "checkpoint_dir": folder}
 
 
 def train_classifier(
@@ -381,17 +382,20 @@ def train_classifier(
         data_dir: folder with the prepared ``train.csv`` and ``validation.csv``.
         out_dir: where the trained parts and ``classifier.json`` go (replaced atomically).
         lora, train, seed: the ``lora`` and ``train`` sections of params.yaml and the seed.
-        checkpoint_dir: where resumable checkpoints go (every ``train.checkpoint_every`` steps,
-            0 = each epoch, and always at the final step); None disables them. A run resumes
-            from one when ``train.resume`` and the params, base and data are the same. The
-            checkpoint is kept after training: call :func:`gpt2lab.resume.remove_checkpoint`
-            once the results are safe, so a kill before that resumes at the final step.
+        checkpoint_dir: where resumable checkpoints go, each run's in a subfolder named by its
+            fingerprint (params, base and data), so runs of different params never share one
+            (every ``train.checkpoint_every`` steps, 0 = each epoch, and always at the final
+            step); None disables them. A run resumes from its own when ``train.resume``. The
+            checkpoint is kept after training: call :func:`gpt2lab.resume.remove_checkpoint` on
+            the result's ``checkpoint_dir`` once the results are safe, so a kill before that
+            resumes at the final step.
         progress: show a tqdm bar with the live loss.
         callback: ``callback(kind, record)`` after each optimizer step (``"step"``) and each
             train/validation estimate (``"eval"``), e.g. to log to a tracker while training.
 
     Returns:
-        ``{"metrics": {...}, "history": {"steps": [...], "eval": [...]}, "out_dir": str}``.
+        ``{"metrics": {...}, "history": {"steps": [...], "eval": [...]}, "out_dir": str,
+        "checkpoint_dir": str | None}``.
     """
     run = setup(base_dir, data_dir, lora, train, seed, checkpoint_dir=checkpoint_dir, callback=callback)
     bar = tqdm(total=run.total_steps, initial=run.progress.step, disable=not progress, desc=f"train ({train.mode})",

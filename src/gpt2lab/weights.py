@@ -11,9 +11,10 @@ from pathlib import Path
 from gpt2lab.checkpoint import CheckpointError, random_checkpoint
 from gpt2lab.convert import convert_checkpoint
 from gpt2lab.errors import Gpt2labError
-from gpt2lab.fetch import DownloadError, cache_dir, fetch_cached
+from gpt2lab.fetch import DownloadError, fetch_cached
+from gpt2lab.fileio import cache_dir
 from gpt2lab.params import ModelParams, WeightsParams
-from gpt2lab.presets import HF_REPOS, OPENAI_SIZES
+from gpt2lab.presets import HF_REPOS, OPENAI_SIZES, PRESETS
 
 OPENAI_MIRRORS = (
     "https://openaipublic.blob.core.windows.net/gpt-2/models/{size}/{file}",
@@ -62,4 +63,4 @@ def fetch_weights(model: ModelParams, weights: WeightsParams, seed: int, out_dir
         folder = cache_dir() / "hf" / model.name
         urls = {f: [HF_URL.format(repo=HF_REPOS[model.name], file=f)] for f in HF_FILES}
     _download_all(urls, folder, weights)
-    return convert_checkpoint(folder, out_dir)
+    return convert_checkpoint(folder, out_dir, expected=PRESETS[model.name])

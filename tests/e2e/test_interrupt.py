@@ -35,7 +35,7 @@ from gpt2lab.classifier_io import HEAD_FILE, META_FILE
 from gpt2lab.dataset import parse_collection, split, write_split
 from gpt2lab.lora import ADAPTER_FILE
 from gpt2lab.params import ModelParams, WeightsParams
-from gpt2lab.resume import CHECKPOINT_FILE
+from gpt2lab.resume import CHECKPOINT_FILE, CHECKPOINTS_DIR
 from gpt2lab.weights import fetch_weights
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,7 +54,7 @@ PARAMS = {
     "tracking": {"experiment": "interrupt"},
 }  # fmt: skip
 OUT = Path("models/classifier")
-CKPT = Path("models/train-checkpoint") / CHECKPOINT_FILE
+CKPT_DIR = Path(CHECKPOINTS_DIR)  # one subfolder per run fingerprint
 METRICS = Path("metrics/train.json")
 # Final metrics that must not depend on the interruption (timings do).
 SAME = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "steps", "examples_seen", "trainable_params")
@@ -129,6 +129,13 @@ def _run(root: Path, log_name: str, started: list[subprocess.Popen]) -> str:
     return text
 
 
+def _ckpt(root: Path) -> Path:
+    """The run's checkpoint file (its folder is named by the run's fingerprint); a missing path if none."""
+    found = sorted((root / CKPT_DIR).glob(f"*/{CHECKPOINT_FILE}"))
+    assert len(found) <= 1, found  # one run, one fingerprint
+    return found[0] if found else root / CKPT_DIR / "none" / CHECKPOINT_FILE
+
+
 def _checkpoint_step(path: Path) -> int | None:
     """The step of the checkpoint at ``path`` (replaced atomically, so never read half-written)."""
     try:
@@ -139,10 +146,11 @@ def _checkpoint_step(path: Path) -> int | None:
 
 def _kill_after_checkpoint(proc: subprocess.Popen, root: Path, sig: int, min_step: int) -> None:
     """Send ``sig`` as soon as a checkpoint at ``min_step`` or later exists."""
-    path, seen = root / CKPT, None
+    seen = None
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"train ended (rc {proc.returncode}) before it could be interrupted"
+        path = _ckpt(root)
         stat = path.stat() if path.exists() else None
         key = stat and (stat.st_ino, stat.st_mtime_ns)
         if key and key != seen:
@@ -193,7 +201,7 @@ def test_killed_training_resumes_to_the_same_result(tmp_path, template, started)
     reference = json.loads((full / METRICS).read_text())
     steps_per_epoch = reference["steps"] // PARAMS["train"]["epochs"]
     assert steps_per_epoch > 2 * CHECKPOINT_EVERY  # room for checkpoints inside each epoch
-    assert not (full / CKPT).exists() and not _junk(full)
+    assert not (full / CKPT_DIR).exists() and not _junk(full)
 
     # A previous, complete output stands in place: an interrupted run must leave it untouched.
     root = _copy(template, tmp_path / "interrupted")
@@ -206,8 +214,8 @@ def test_killed_training_resumes_to_the_same_result(tmp_path, template, started)
     _kill_after_checkpoint(proc, root, signal.SIGKILL, min_step=1)
     assert _wait(proc) == -signal.SIGKILL
     assert _tree(root / OUT) == previous and not (root / METRICS).exists()
-    assert not _junk(root, but=str(CKPT.parent))  # a checkpoint's temp file is overwritten by the next one
-    killed_at = _checkpoint_step(root / CKPT)  # the complete last checkpoint, ready to resume
+    assert not _junk(root, but=str(CKPT_DIR))  # a checkpoint's temp file is overwritten by the next one
+    killed_at = _checkpoint_step(_ckpt(root))  # the complete last checkpoint, ready to resume
     assert killed_at is not None and 0 < killed_at < steps_per_epoch
 
     # 2. Restarted, it resumes there; SIGINT (Ctrl-C) it mid-way through epoch 2.
@@ -218,8 +226,8 @@ def test_killed_training_resumes_to_the_same_result(tmp_path, template, started)
     assert rc == 130 and "interrupted" in log, log[-3000:]
     assert f"at step {killed_at} (epoch 1)" in log, log[-3000:]
     assert _tree(root / OUT) == previous and not (root / METRICS).exists()
-    assert not _junk(root, but=str(CKPT.parent))
-    last = _checkpoint_step(root / CKPT)
+    assert not _junk(root, but=str(CKPT_DIR))
+    last = _checkpoint_step(_ckpt(root))
     assert last is not None and steps_per_epoch < last < reference["steps"]
 
     # 3. Restarted again, it trains from the last checkpoint; SIGKILL it once training is done, while
@@ -229,7 +237,7 @@ def test_killed_training_resumes_to_the_same_result(tmp_path, template, started)
     assert _wait(proc) == -signal.SIGKILL
     log = (root / "logging.log").read_text(errors="replace")
     assert f"at step {last} (epoch 2)" in log, log[-3000:]
-    assert _checkpoint_step(root / CKPT) == reference["steps"]  # taken at the final step
+    assert _checkpoint_step(_ckpt(root)) == reference["steps"]  # taken at the final step
 
     # 4. Restarted once more, it resumes after the final step (no training) and finishes.
     log = _run(root, "resume.log", started)
@@ -241,7 +249,7 @@ def test_killed_training_resumes_to_the_same_result(tmp_path, template, started)
     assert json.loads((root / OUT / META_FILE).read_text()) == json.loads((full / OUT / META_FILE).read_text())
     assert not (root / OUT / "previous-run").exists()  # the output was replaced as a whole
     assert (root / "metrics/train_curve.tsv").read_bytes() == (full / "metrics/train_curve.tsv").read_bytes()
-    assert not (root / CKPT).exists() and not (root / CKPT.parent).exists() and not _junk(root)
+    assert not (root / CKPT_DIR).exists() and not _junk(root)
     assert not (root / "mlflow.db").exists()  # training never waits on the tracking store (the track stage logs)
 
 
@@ -264,8 +272,8 @@ def test_stage_keeps_its_checkpoint_until_its_outputs_are_written(tmp_path, temp
         with pytest.raises(KeyboardInterrupt):
             stage["main"]()
     steps = json.loads((root / METRICS).read_text())["steps"]  # written before the plots
-    assert _checkpoint_step(root / CKPT) == steps
+    assert _checkpoint_step(_ckpt(root)) == steps
     caplog.clear()
     stage["main"]()
     assert f"at step {steps}: training had finished" in caplog.text
-    assert not (root / CKPT).exists() and not (root / CKPT.parent).exists() and not _junk(root)
+    assert not (root / CKPT_DIR).exists() and not _junk(root)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,8 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.e2e.repo import IMPORT_HOOK, Repo, clone, executed
+
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("download_data", "prepare_data", "fetch_weights", "generate", "train", "evaluate", "track")
+STAGES = ("validate_params", "download_data", "prepare_data", "fetch_weights", "generate", "train", "evaluate",
+          "track")
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 RESULT_NEUTRAL = {"src/gpt2lab/__init__.py", "src/gpt2lab/errors.py", "src/gpt2lab/stage.py"}
 MODEL_STAGES = {name for name, stage in DVC_YAML["stages"].items() if "src/gpt2lab/model.py" in stage["deps"]}
@@ -28,81 +30,7 @@ MODEL_STAGES = {name for name, stage in DVC_YAML["stages"].items() if "src/gpt2l
 
 # --------------------------------------------------------------------------- end to end
 
-# Records, per DVC stage, which gpt2lab files the stage process really imported.
-IMPORT_HOOK = """\
-import atexit, json, os, sys
-if os.environ.get("GPT2LAB_IMPORT_LOG") and os.environ.get("DVC_STAGE"):
-    def _dump():
-        files = sorted({getattr(m, "__file__", None) or "" for n, m in list(sys.modules.items())
-                        if n == "gpt2lab" or n.startswith("gpt2lab.")} - {""})
-        path = os.path.join(os.environ["GPT2LAB_IMPORT_LOG"], os.environ["DVC_STAGE"] + ".json")
-        with open(path, "w") as f:
-            json.dump(files, f)
-    atexit.register(_dump)
-"""
 QUEUE_TIMEOUT_S = 900
-
-
-def _clone(dest: Path) -> None:
-    """The working tree as it is (tracked and untracked, not ignored files) as a fresh one-commit repo."""
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, check=True,
-    ).stdout.decode().split("\0")  # fmt: skip
-    for rel in filter(None, files):
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    for args in (["init", "-q"], ["config", "user.name", "gpt2lab test"], ["config", "user.email", "test@gpt2lab"],
-                 ["add", "-A"], ["commit", "-qm", "clone"]):  # fmt: skip
-        subprocess.run(["git", *args], cwd=dest, check=True)
-
-
-class Repo:
-    """A temporary clone with an environment that runs its own code with this interpreter."""
-
-    def __init__(self, root: Path, hook_dir: Path, import_log: Path) -> None:
-        self.root = root
-        self.import_log = import_log
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
-        env.update(
-            PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-            PYTHONPATH=os.pathsep.join([str(root / "src"), str(hook_dir)]),  # this clone's gpt2lab
-            MLFLOW_DISABLE_TELEMETRY="true",
-            DO_NOT_TRACK="1",
-            GPT2LAB_IMPORT_LOG=str(import_log),
-        )
-        self.env = env
-        self.db = root / "mlflow.db"
-
-    def run(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-        done = subprocess.run(args, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
-        if check and done.returncode != 0:
-            raise AssertionError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-        return done
-
-    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return self.run(sys.executable, "-m", "dvc", *args, check=check)
-
-    def smoke(self, name: str, *args: str) -> str:
-        done = self.run(sys.executable, "-m", "gpt2lab.cli", "smoke", "-n", name, *args)
-        return done.stdout + done.stderr
-
-    def status(self) -> dict:
-        """``dvc status --json``: the stages whose deps, params or outputs changed."""
-        return json.loads(self.dvc("status", "--json").stdout or "{}")
-
-    def runs(self) -> dict[str, object]:
-        """MLflow runs of the gpt2lab experiment by name (names are unique in this scenario)."""
-        import mlflow
-
-        client = mlflow.MlflowClient(f"sqlite:///{self.db}")
-        exp = client.get_experiment_by_name("gpt2lab")
-        return {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-
-
-def _executed(out: str) -> set[str]:
-    return set(re.findall(r"Running stage '(\w+)'", out))
 
 
 def _wait_for_queue(repo: Repo, names: tuple[str, ...]) -> dict[str, str]:
@@ -123,7 +51,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict:
     (base / "hook" / "sitecustomize.py").write_text(IMPORT_HOOK)
     (base / "imports").mkdir()
     (base / "repo").mkdir()
-    _clone(base / "repo")
+    clone(base / "repo")
     repo = Repo(base / "repo", base / "hook", base / "imports")
     s: dict = {"repo": repo}
     committed = {f: (repo.root / f).read_bytes() for f in ("params.yaml", "dvc.lock")}
@@ -156,6 +84,14 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict:
     s["status_neutral"] = repo.status()
     (repo.root / "params.yaml").write_text(params)
 
+    # A bad -S value: refused by the first stage, before DVC removes any output to re-run it.
+    outputs = {f: (repo.root / f).read_bytes() for f in ("metrics/train.json", "models/classifier/head.safetensors")}
+    runs_before = set(repo.runs())
+    s["bad_value"] = repo.dvc("exp", "run", "-S", "lora.rank=0", check=False)
+    s["outputs_kept"] = all((repo.root / f).read_bytes() == b for f, b in outputs.items())
+    s["runs_after_bad_value"] = set(repo.runs()) - runs_before
+    (repo.root / "params.yaml").write_text(params)
+
     rank4 = repo.dvc("exp", "run", "-S", "lora.rank=4", "-n", "rank4")
     s["rank4"] = rank4.stdout + rank4.stderr
     # The workspace now holds rank 4 (dvc.lock too); rank 16 again is smoke-base: restored, not trained.
@@ -166,9 +102,15 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict:
     repo.run("git", "commit", "-qm", "smoke profile, rank 4")
     for rank in (2, 8):
         repo.dvc("exp", "run", "--queue", "-S", f"lora.rank={rank}", "-n", f"q-rank{rank}")
-    repo.dvc("queue", "start", "-j", "2")
-    s["queue"] = _wait_for_queue(repo, ("q-rank2", "q-rank8"))
-    s["queue_logs"] = {n: repo.dvc("queue", "logs", n, check=False).stdout for n in ("q-rank2", "q-rank8")}
+    # The workers `queue start` leaves running must not hold this process's pipes: no capture.
+    started = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=repo.root, env=repo.env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)  # fmt: skip
+    assert started.returncode == 0
+    try:
+        s["queue"] = _wait_for_queue(repo, ("q-rank2", "q-rank8"))
+        s["queue_logs"] = {n: repo.dvc("queue", "logs", n, check=False).stdout for n in ("q-rank2", "q-rank8")}
+    finally:
+        repo.dvc("queue", "stop", "--kill", check=False)  # an idle worker would otherwise outlive the test
     s["runs"] = repo.runs()
     return s
 
@@ -184,7 +126,7 @@ def test_offline_repro_stops_with_one_clear_line(scenario: dict) -> None:
 
 @pytest.mark.slow
 def test_smoke_runs_the_whole_dag_offline_as_an_experiment(scenario: dict) -> None:
-    assert _executed(scenario["smoke"]) == set(STAGES), scenario["smoke"]
+    assert executed(scenario["smoke"]) == set(STAGES), scenario["smoke"]
     assert scenario["workspace_unchanged"] and scenario["git_status"] == ""
     run = scenario["runs"]["smoke-base"]
     assert run.info.status == "FINISHED"
@@ -199,7 +141,7 @@ def test_smoke_runs_the_whole_dag_offline_as_an_experiment(scenario: dict) -> No
 @pytest.mark.slow
 def test_the_same_smoke_again_runs_no_stage_and_logs_no_run(scenario: dict) -> None:
     out = scenario["smoke_again"]
-    assert _executed(out) == set(), out
+    assert executed(out) == set(), out
     restored = set(re.findall(r"Stage '(\w+)' is cached", out)) | set(re.findall(r"Stage '(\w+)' didn't change", out))
     assert restored == set(STAGES), out
     assert scenario["runs_after_smoke_again"] == scenario["runs_after_smoke"]
@@ -207,7 +149,7 @@ def test_the_same_smoke_again_runs_no_stage_and_logs_no_run(scenario: dict) -> N
 
 @pytest.mark.slow
 def test_second_repro_of_the_same_params_runs_nothing(scenario: dict) -> None:
-    assert _executed(scenario["repro_again"]) == set(), scenario["repro_again"]
+    assert executed(scenario["repro_again"]) == set(), scenario["repro_again"]
     assert "Data and pipelines are up to date" in scenario["repro_again"]
     # A no-op execution leaves no empty run behind.
     assert scenario["runs_after_repro"] == scenario["runs_after_smoke"]
@@ -221,8 +163,17 @@ def test_status_lists_the_stages_a_change_can_affect(scenario: dict) -> None:
 
 
 @pytest.mark.slow
+def test_a_bad_value_stops_before_any_output_is_touched(scenario: dict) -> None:
+    done = scenario["bad_value"]
+    assert done.returncode != 0 and executed(done.stdout + done.stderr) == {"validate_params"}
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: lora.rank: invalid value 0; allowed: an integer > 0"], done.stderr
+    assert scenario["outputs_kept"] and scenario["runs_after_bad_value"] == set()
+
+
+@pytest.mark.slow
 def test_rank_change_reruns_train_evaluate_and_track_only(scenario: dict) -> None:
-    assert _executed(scenario["rank4"]) == {"train", "evaluate", "track"}, scenario["rank4"]
+    assert executed(scenario["rank4"]) == {"validate_params", "train", "evaluate", "track"}, scenario["rank4"]
     run = scenario["runs"]["rank4"]
     assert run.info.status == "FINISHED" and run.data.params["lora.rank"] == "4"
     # The stages that did not run are in the run too, so it compares with full runs.
@@ -232,7 +183,7 @@ def test_rank_change_reruns_train_evaluate_and_track_only(scenario: dict) -> Non
 @pytest.mark.slow
 def test_an_experiment_run_before_is_restored_not_retrained(scenario: dict) -> None:
     out = scenario["back_to_16"]
-    assert _executed(out) == set(), out
+    assert executed(out) == set(), out
     assert "Stage 'train' is cached" in out and "Stage 'track' is cached" in out
     assert "back-to-16" not in scenario["runs"]  # its results are in smoke-base's run
 

@@ -15,7 +15,7 @@ from gpt2lab.params import SECTIONS, neutral_keys
 from tests.project.imports import ROOT, closure, module_file
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-STAGES = ("download_data", "prepare_data", "fetch_weights", "generate", "train", "evaluate", "track")
+STAGES = ("validate_params", "download_data", "prepare_data", "fetch_weights", "generate", "train", "evaluate", "track")
 # Modules that cannot change any output: the lazy package facade, the error base class, the runner.
 RESULT_NEUTRAL = frozenset({"gpt2lab", "gpt2lab.errors", "gpt2lab.stage"})
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -86,11 +86,25 @@ def test_code_deps_are_exactly_the_modules_that_can_change_the_outputs(name: str
     assert _code_deps(name) == expected | {f"stages/{name}.py"}
 
 
-@pytest.mark.parametrize("name", STAGES)
+def _result_shaping() -> set[str]:
+    """Every key of params.yaml that can change a result: all but the neutral ones and ``tracking``."""
+    keys = {"seed"} | {f"{sec}.{k}" for sec, cls in SECTIONS.items() for k in cls.__dataclass_fields__}
+    return {k for k in keys if not k.startswith("tracking.")} - _neutral()
+
+
+@pytest.mark.parametrize("name", [s for s in STAGES if s != "validate_params"])
 def test_params_are_exactly_the_result_shaping_keys_the_stage_reads(name: str) -> None:
     declared = set(DVC_YAML["stages"][name].get("params", []))
     assert declared == params_read(ROOT / f"stages/{name}.py") - _neutral()
     assert not declared & _neutral()
+
+
+def test_validation_comes_first_and_watches_every_result_shaping_key() -> None:
+    """Any change to a key that re-runs a stage re-runs validate_params too, and every stage waits for it."""
+    stages = DVC_YAML["stages"]
+    assert set(stages["validate_params"]["params"]) == _result_shaping()
+    (stamp,) = stages["validate_params"]["outs"]
+    assert all(stamp in stage["deps"] for name, stage in stages.items() if name != "validate_params")
 
 
 def test_the_params_reader_sees_keys_sections_and_aliases(tmp_path: Path) -> None:
@@ -139,7 +153,10 @@ def test_lock_records_the_committed_params_and_the_current_code() -> None:
         assert set(recorded) == set(DVC_YAML["stages"][name].get("params", [])), name
         for key, value in recorded.items():
             section, _, field = key.partition(".")
-            assert value == (PARAMS[section][field] if field else PARAMS[key]), f"dvc.lock's {name} ran with other {key}"
+            want = PARAMS[section][field] if field else PARAMS[key]
+            if isinstance(want, float):  # DVC writes 5e-05, which PyYAML (YAML 1.1) reads as a string
+                value = float(value)
+            assert value == want, f"dvc.lock's {name} ran with other {key}"
         for dep in entry["deps"]:
             path = ROOT / dep["path"]
             if path.is_file():
