@@ -82,3 +82,27 @@ def test_lone_surrogates_become_replacement_characters(text):
     ids = encode(text)
     assert all(0 <= i < VOCAB_SIZE for i in ids)
     assert decode(ids) == re.sub("[\ud800-\udfff]", "\ufffd", text)
+
+
+# --- the same BPE as transformers' files ------------------------------------------------------
+def test_vocab_and_merges_are_gpt2s():
+    vocab, merges = tokenizer.vocab_and_merges()
+    assert len(vocab) == VOCAB_SIZE and len(merges) == VOCAB_SIZE - 256 - 1  # bytes, merges, <|endoftext|>
+    assert vocab["<|endoftext|>"] == 50256 and vocab["Ġthe"] == 262 and vocab["!"] == 0
+    assert merges[:2] == ["Ġ t", "Ġ a"]  # GPT-2's vocab.bpe starts so
+    assert len(set(tokenizer.bytes_to_unicode().values())) == 256
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tok")
+    tokenizer.write_hf_tokenizer(folder, model_max_length=1024)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@FEW
+@given(text=TEXT)
+def test_transformers_reads_the_written_files_as_tiktoken_does(hf_tokenizer, text):
+    assert hf_tokenizer(text)["input_ids"] == encode(text)
