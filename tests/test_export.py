@@ -156,10 +156,17 @@ def test_peft_export_refuses_modes_without_adapters(tmp_path, base, mode):
     assert not (tmp_path / "peft").exists()
 
 
-def test_lora_on_lm_head_has_no_place_in_a_sequence_classifier(tmp_path, base):
-    clf = make(tmp_path / "clf", base, targets=("attn.c_attn", "lm_head"))
-    with pytest.raises(ExportError, match="LoRA on 'lm_head', which GPT2ForSequenceClassification has no place"):
+def test_lora_on_lm_head_is_left_out_while_zero_and_refused_once_it_moved(tmp_path, base, hf_base):
+    """A `*` target adapts lm_head too; training never moves it (the classifier never computes lm_head)."""
+    clf = make(tmp_path / "clf", base, targets=("*",))
+    lora = load_file(str(clf / ADAPTER_FILE))
+    assert "lm_head.lora_b" in lora
+    with pytest.raises(ExportError, match="non-zero LoRA update on 'lm_head', which GPT2ForSequenceClassification"):
         export_peft(clf, tmp_path / "peft")
+    save_file({**lora, "lm_head.lora_b": torch.zeros_like(lora["lm_head.lora_b"])}, str(clf / ADAPTER_FILE))
+    out = export_peft(clf, tmp_path / "peft")
+    assert json.loads((out / PEFT_CONFIG).read_text())["target_modules"] == list(ALL)
+    np.testing.assert_allclose(hf_probs(peft_model(hf_base, out)), gpt2lab_probs(clf), atol=ATOL, rtol=0)
 
 
 def test_a_head_bias_is_refused_and_a_zero_one_exported(tmp_path, base, hf_base):

@@ -191,6 +191,7 @@ def export_peft(classifier_dir: str | Path, out_dir: str | Path, *, base_model: 
     trained = _load(src / meta["files"]["trained"]) if "trained" in meta["files"] else {}
     head = head_weight(_load(src / meta["files"]["head"]), src)
 
+    lora = _without_lm_head(lora, src)
     lora_modules = sorted({module_of(k) for k in lora})
     state = {}
     for key, tensor in lora.items():
@@ -232,6 +233,19 @@ def export_peft(classifier_dir: str | Path, out_dir: str | Path, *, base_model: 
         _save(state, tmp / PEFT_WEIGHTS)
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
+
+
+def _without_lm_head(lora: Mapping[str, torch.Tensor], src: Path) -> dict[str, torch.Tensor]:
+    """The adapters without ``lm_head``'s (a ``*`` target adapts it too) when it is zero, else refused.
+
+    The classifier never computes ``lm_head``, so training never moves its B from zero: such an
+    adapter changes nothing, and GPT2ForSequenceClassification has no LM head to put it on.
+    """
+    if "lm_head.lora_b" in lora and bool(lora["lm_head.lora_b"].ne(0).any()):
+        raise ExportError(
+            f"{src}: a non-zero LoRA update on 'lm_head', which GPT2ForSequenceClassification has no place for"
+        )
+    return {k: v for k, v in lora.items() if module_of(k) != "lm_head"}
 
 
 def _modules_to_save(
