@@ -2,7 +2,7 @@
 
 GPT-2 124M with random weights (speed does not depend on their values) and a 2-class head;
 both models hold identical weights (gpt2lab's checkpoint converted to Hugging Face's layout;
-the head's bias is zero because ``GPT2ForSequenceClassification.score`` has none), so the
+the head has no bias, as ``GPT2ForSequenceClassification.score``), so the
 table also shows how far apart their probabilities are. Both run in this process, one after
 the other in each repeat, at the same precision (fp32, or bf16 autocast for both).
 
@@ -65,13 +65,11 @@ def split_texts(path: str) -> list[str]:
 
 
 def make_classifier(folder: Path) -> tuple[Path, Path]:
-    """A random GPT-2 124M base and a saved LoRA classifier on it (zero head bias)."""
+    """A random GPT-2 124M base and a saved LoRA classifier on it (no head bias, as the default)."""
     base = random_checkpoint(GPT2Config.preset("gpt2"), 0, folder / "base")
     torch.manual_seed(0)
     lora = LoRAConfig(16, 16.0)
     model = build_classifier(base, "lora", lora)
-    with torch.no_grad():
-        model.head.bias.zero_()
     return save_classifier(model, folder / "classifier", mode="lora", base_dir=base, lora=lora), base
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -52,10 +54,10 @@ def test_trainable_count_of_124m_equals_the_formula(rank):
     d, n_layer = 768, 12
     # r * (in + out) per adapted projection: c_attn d->3d, attn.c_proj d->d, c_fc d->4d, mlp.c_proj 4d->d.
     per_layer = rank * ((d + 3 * d) + (d + d) + (d + 4 * d) + (4 * d + d))
-    head = d * 2 + 2
+    head = d * 2  # no bias by default (train.head_bias: false)
     assert trainable == n_layer * per_layer + head
     if rank == 16:
-        assert trainable == 2_360_834
+        assert trainable == 2_360_832
     assert total_base == 124_439_808 + head  # GPT-2 124M (tied lm_head counted once) + head
     assert model.num_parameters() == total_base + n_layer * per_layer
 
@@ -65,7 +67,15 @@ def test_last_block_count(tiny_model):
     n = configure(model, "last_block")
     d = tiny_model.config.n_embd
     block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
-    assert n == block + 2 * d + (2 * d + 2)
+    assert n == block + 2 * d + 2 * d
+
+
+def test_head_bias_is_off_by_default_and_can_be_had(tiny_model):
+    assert SpamClassifier(tiny_model).head.bias is None  # as transformers' score: exports exactly
+    with_bias = SpamClassifier(tiny_model, head_bias=True)
+    assert with_bias.head.bias is not None
+    without = SpamClassifier(copy.deepcopy(tiny_model))
+    assert configure(with_bias, "lora", LORA) == configure(without, "lora", LORA) + 2
 
 
 def test_reads_the_last_real_token_and_ignores_padding(tiny_model):

@@ -21,7 +21,7 @@ from gpt2lab.classifier_io import (
     load_classifier,
     save_classifier,
 )
-from gpt2lab.fileio import MANIFEST_FILE, IntegrityError
+from gpt2lab.fileio import MANIFEST_FILE, IntegrityError, write_manifest
 from gpt2lab.inference import predict_proba
 from gpt2lab.lora import ADAPTER_FILE, ADAPTER_META, LoRAConfig
 from gpt2lab.params import LoRAParams
@@ -76,7 +76,7 @@ def test_saves_only_what_was_trained(tmp_path, base_dir):
     out = save_classifier(model, tmp_path / "clf", mode="last_block", base_dir=base_dir)
     keys = set(load_file(str(out / TRAINED_FILE)))
     assert keys and all(k.startswith(("h.1.", "ln_f.")) for k in keys)
-    assert set(load_file(str(out / HEAD_FILE))) == {"weight", "bias"}
+    assert set(load_file(str(out / HEAD_FILE))) == {"weight"}  # no head bias by default
 
 
 def test_other_base_is_refused(tmp_path, base_dir, tiny_cfg):
@@ -187,3 +187,48 @@ def test_a_base_with_other_weights_under_the_same_config_is_refused(two_classifi
         shutil.copy(base_dir / name, other / name)
     with pytest.raises(IntegrityError, match="model.safetensors: corrupted or replaced"):
         load_classifier(folder, other)
+
+@pytest.mark.parametrize("head_bias", [False, True])
+def test_the_head_bias_is_recorded_and_rebuilt(tmp_path, base_dir, head_bias):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = build_classifier(base_dir, "lora", LORA, head_bias=head_bias)
+    adamw_step(model)
+    expected = predict_proba(model.eval(), TEXTS, precision="fp32")
+    out = save_classifier(model, tmp_path / "clf", mode="lora", base_dir=base_dir, lora=LORA)
+    assert json.loads((out / META_FILE).read_text())["head_bias"] is head_bias
+    assert set(load_file(str(out / HEAD_FILE))) == ({"weight", "bias"} if head_bias else {"weight"})
+    loaded = load_classifier(out)
+    assert (loaded.head.bias is not None) is head_bias
+    np.testing.assert_allclose(predict_proba(loaded, TEXTS, precision="fp32"), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_folder_from_before_head_bias_still_loads_with_its_bias(tmp_path, base_dir):
+    torch.manual_seed(0)
+    model = build_classifier(base_dir, "lora", LORA, head_bias=True)
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([0.5, -0.5]))
+    out = save_classifier(model, tmp_path / "clf", mode="lora", base_dir=base_dir, lora=LORA)
+    meta = json.loads((out / META_FILE).read_text())
+    del meta["head_bias"]  # the key older versions did not write
+    (out / META_FILE).write_text(json.dumps(meta))
+    write_manifest(out)
+    loaded = load_classifier(out)
+    assert torch.equal(loaded.head.bias, torch.tensor([0.5, -0.5]))
+
+
+def test_lora_with_more_trained_tensors_saves_and_loads_them(tmp_path, base_dir):
+    """An imported PEFT adapter may train whole modules besides the adapters (modules_to_save)."""
+    torch.manual_seed(0)
+    model = build_classifier(base_dir, "lora", LORA)
+    model.body.ln_f.requires_grad_(True)
+    adamw_step(model)
+    expected = predict_proba(model.eval(), TEXTS, precision="fp32")
+    out = save_classifier(model, tmp_path / "clf", mode="lora", base_dir=base_dir, lora=LORA)
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(out / TRAINED_FILE))) == {"ln_f.weight", "ln_f.bias"}
+    for merged in (True, False):
+        got = predict_proba(load_classifier(out, merged=merged), TEXTS, precision="fp32")
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

@@ -279,3 +279,55 @@ def test_a_reader_that_leaves_early_ends_the_output_quietly(saved, tmp_path):
     err = (tmp_path / "err.txt").read_text()
     assert "Traceback" not in err and "Error" not in err, err  # (the random-weights warning may be there)
     assert (tmp_path / "status.txt").read_text().strip() == "141"
+
+# --- export / import ------------------------------------------------------------------------------
+def test_export_and_import_round_trip_on_the_command_line(capsys, saved, expected, tmp_path):
+    clf, base = saved
+    code, out, _ = run(capsys, "export", "peft", str(clf), str(tmp_path / "peft"))
+    assert code == 0 and "adapter_config.json" in out
+    code, out, _ = run(capsys, "import", "peft", str(tmp_path / "peft"), "--base", str(base), str(tmp_path / "back"))
+    assert code == 0 and f"gpt2lab classify --model {tmp_path / 'back'}" in out
+    assert_same(Classifier.load(tmp_path / "back").classify(MESSAGES), expected)
+    code, out, _ = run(capsys, "export", "hf", str(base), str(tmp_path / "hf-base"))
+    assert code == 0 and (tmp_path / "hf-base" / "merges.txt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (("export", "peft", "{last_block}", "{out}"), "without LoRA adapters; a PEFT LoRA adapter needs LoRA layers"),
+        (("export", "hf", "{tmp}", "{out}"), "neither a classifier folder"),
+        (("import", "peft", "{tmp}", "--base", "{base}", "{out}"), "no adapter_config.json; not a PEFT adapter"),
+        (("export", "peft", "{tmp}/absent", "{out}"), "no classifier.json"),
+    ],
+)
+def test_export_mistakes_are_one_error_line(capsys, saved, tmp_path, argv, says):
+    from gpt2lab.classifier import build_classifier
+    from gpt2lab.classifier_io import save_classifier
+
+    base = saved[1]
+    last_block = save_classifier(build_classifier(base, "last_block"), tmp_path / "lb", mode="last_block", base_dir=base)
+    names = {"last_block": last_block, "out": tmp_path / "out", "tmp": tmp_path, "base": base}
+    code, out, err = run(capsys, *(a.format(**names) for a in argv))
+    assert code == 1 and out == ""
+    assert says in one_error_line(err)
+
+
+@pytest.mark.slow
+def test_an_exported_classifier_runs_in_a_fresh_transformers_process_offline(saved, expected, tmp_path):
+    clf, _ = saved
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "gpt2lab.cli", "export", "hf", str(clf), str(tmp_path / "hf")],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    code = (
+        "import json, sys; from transformers import pipeline\n"
+        "clf = pipeline('text-classification', model=sys.argv[1], top_k=None)\n"
+        "print(json.dumps([{r['label']: r['score'] for r in rows} for rows in clf(json.loads(sys.argv[2]), truncation=True)]))\n"
+    )
+    texts = [m for m in MESSAGES if m]  # transformers has no token to read in an empty message
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "hf"), json.dumps(texts)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    got = [{"label": max(s, key=s.get), "probability": s["spam"]} for s in json.loads(done.stdout)]
+    assert_same(got, [e for m, e in zip(MESSAGES, expected) if m])

@@ -150,3 +150,30 @@ def test_failed_conversion_keeps_the_previous_output(hf_tiny, tmp_path):
     with pytest.raises(CheckpointError):
         convert_checkpoint(bad, out)
     assert (out / "model.safetensors").read_bytes() == before
+
+
+# --- the other direction: canonical -> transformers, the same table inverted --------------------
+def test_to_hf_is_the_inverse_of_the_table(hf_tiny):
+    from gpt2lab.convert import from_hf, read_hf_checkpoint, to_hf
+
+    model, folder = hf_tiny
+    canonical, _ = read_hf_checkpoint(folder)
+    exported = to_hf(canonical)
+    buffers = (".attn.bias", ".attn.masked_bias")  # old mask buffers, no weights
+    hf_state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" and not k.endswith(buffers)}
+    assert exported.keys() == hf_state.keys()
+    assert all(torch.equal(exported[k], hf_state[k]) for k in hf_state)  # names and Conv1D layouts
+    back = from_hf(exported)
+    assert back.keys() == canonical.keys() and all(torch.equal(back[k], canonical[k]) for k in canonical)
+    part = {"h.1.mlp.c_fc.weight": canonical["h.1.mlp.c_fc.weight"], "ln_f.bias": canonical["ln_f.bias"]}
+    assert set(to_hf(part)) == {"transformer.h.1.mlp.c_fc.weight", "transformer.ln_f.bias"}  # any part of a body
+
+
+def test_a_tensor_without_counterpart_is_named():
+    from gpt2lab.convert import HF_TABLE, PEFT_LORA_TABLE, rename_key, to_hf
+
+    with pytest.raises(CheckpointError, match="'lm_head.weight' has no counterpart"):
+        to_hf({"lm_head.weight": torch.zeros(3, 2)})
+    assert rename_key("h.11.attn.c_proj.lora_B.weight", PEFT_LORA_TABLE) == "h.11.attn.c_proj.lora_b"
+    assert rename_key("h.3.mlp.c_fc.lora_a", PEFT_LORA_TABLE, inverse=True) == "h.3.mlp.c_fc.lora_A.weight"
+    assert rename_key("h.12.ln_2.bias", HF_TABLE, inverse=True) == "h.12.ln_2.bias"

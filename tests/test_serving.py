@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from gpt2lab.dataset import parse_collection
+from gpt2lab.inference import Classifier
 from gpt2lab.serving import pip_requirements
 from tests.helpers import MESSAGES, free_port, log_tiny_classifier, wait_until_serving
 
@@ -69,6 +70,27 @@ def test_pyfunc_answers_equal_the_python_api(store):
     assert out.probability.tolist() == pytest.approx([w["probability"] for w in want], rel=1e-6, abs=1e-9)
     with pytest.raises(mlflow.exceptions.MlflowException, match="not a string"):
         model.predict(pd.DataFrame({"text": ["fine", None]}))
+
+
+def test_the_logged_model_downloads_and_exports_to_transformers(store, tmp_path, monkeypatch, capsys):
+    from transformers import GPT2ForSequenceClassification
+
+    from gpt2lab.cli import main
+    from gpt2lab.serving import ModelDownloadError, download_model
+
+    classifier, base = download_model(f"runs:/{store['run_id']}/model", tmp_path / "dl")
+    assert Classifier.load(classifier, base).classify(MESSAGES) == store["clf"].classify(MESSAGES)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])  # the CLI's store, as for the pipeline
+    assert main(["export", "hf", f"runs:/{store['run_id']}/model", str(tmp_path / "hf")]) == 0
+    hf = GPT2ForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.id2label == {0: "ham", 1: "spam"}
+    assert main(["export", "peft", f"runs:/{store['run_id']}/model", str(tmp_path / "peft")]) == 0
+    assert (tmp_path / "peft" / "adapter_config.json").is_file()
+    with pytest.raises(ModelDownloadError, match="runs:/no-such-run/model: cannot download the MLflow model"):
+        download_model("runs:/no-such-run/model", tmp_path / "none")
+    capsys.readouterr()
+    assert main(["export", "hf", "runs:/no-such-run/model", str(tmp_path / "x")]) == 1
+    assert capsys.readouterr().err.startswith("error: runs:/no-such-run/model: cannot download")
 
 
 @pytest.mark.slow

@@ -95,3 +95,26 @@ def test_the_longest_token_is_max_token_bytes():
 def test_a_text_cut_at_the_bound_keeps_its_first_tokens(words, n):
     text = " ".join(words)
     assert encode(text[: tokenizer.text_bound(n)])[:n] == encode(text)[:n]
+
+# --- the same BPE as transformers' files ------------------------------------------------------
+def test_vocab_and_merges_are_gpt2s():
+    vocab, merges = tokenizer.vocab_and_merges()
+    assert len(vocab) == VOCAB_SIZE and len(merges) == VOCAB_SIZE - 256 - 1  # bytes, merges, <|endoftext|>
+    assert vocab["<|endoftext|>"] == 50256 and vocab["Ġthe"] == 262 and vocab["!"] == 0
+    assert merges[:2] == ["Ġ t", "Ġ a"]  # GPT-2's vocab.bpe starts so
+    assert len(set(tokenizer.bytes_to_unicode().values())) == 256
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tok")
+    tokenizer.write_hf_tokenizer(folder, model_max_length=1024)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@FEW
+@given(text=TEXT)
+def test_transformers_reads_the_written_files_as_tiktoken_does(hf_tokenizer, text):
+    assert hf_tokenizer(text)["input_ids"] == encode(text)

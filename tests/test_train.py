@@ -40,7 +40,7 @@ def test_lora_training_learns_and_saves_the_adapter(tmp_path, train_inputs):
     m, hist = result["metrics"], result["history"]
     steps_per_epoch = math.ceil(48 / 8)
     assert m["steps"] == len(hist["steps"]) == 6 * steps_per_epoch and m["examples_seen"] == 6 * 48
-    assert m["trainable_params"] == 2 * 4 * (4 * 32 + 2 * 32 + 2 * 5 * 32) + 2 * 32 + 2
+    assert m["trainable_params"] == 2 * 4 * (4 * 32 + 2 * 32 + 2 * 5 * 32) + 2 * 32  # head: no bias by default
     assert m["examples_per_s"] > 0 and m["wall_time_s"] >= m["train_time_s"] > 0
     # Learns the toy task: loss falls and the validation messages are classified.
     first, last = hist["eval"][0], hist["eval"][-1]

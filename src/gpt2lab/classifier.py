@@ -41,14 +41,23 @@ class SpamClassifier(nn.Module):
 
     Attributes:
         body: the GPT-2 (possibly with LoRA adapters); only ``body.hidden_states`` is used.
-        head: ``nn.Linear(n_embd, num_classes)``.
+        head: ``nn.Linear(n_embd, num_classes, bias=head_bias)``. No bias by default, as
+            ``transformers``' ``GPT2ForSequenceClassification.score``, so a trained classifier
+            exports to it exactly (see :mod:`gpt2lab.export`).
         max_length: messages are cut to this many tokens (the first ones are kept).
     """
 
-    def __init__(self, body: GPT2, num_classes: int = len(CLASS_NAMES), max_length: int | None = None):
+    def __init__(
+        self,
+        body: GPT2,
+        num_classes: int = len(CLASS_NAMES),
+        max_length: int | None = None,
+        *,
+        head_bias: bool = False,
+    ):
         super().__init__()
         self.body = body
-        self.head = nn.Linear(body.config.n_embd, num_classes)
+        self.head = nn.Linear(body.config.n_embd, num_classes, bias=head_bias)
         n_ctx = body.config.n_ctx
         self.max_length = n_ctx if max_length is None else min(max_length, n_ctx)
 
@@ -98,9 +107,10 @@ def build_classifier(
     *,
     max_length: int | None = None,
     num_classes: int = len(CLASS_NAMES),
+    head_bias: bool = False,
 ) -> SpamClassifier:
     """Load the base checkpoint, add a fresh head (seed the RNG first) and configure ``mode``."""
-    model = SpamClassifier(load_model(base_dir), num_classes, max_length)
+    model = SpamClassifier(load_model(base_dir), num_classes, max_length, head_bias=head_bias)
     configure(model, mode, lora)
     return model
 

@@ -1,9 +1,12 @@
 """A trained classifier's folder: save only what was trained, rebuild it on its base.
 
 The folder holds ``classifier.json`` with what is needed to rebuild the model (mode, base
-checkpoint path and sha256, model config, ``max_length``, labels, the counts of trainable and
-total parameters) beside the trained tensors: ``adapter.safetensors`` + ``adapter.json``
-(``lora``) or ``trained.safetensors`` (``last_block``, ``full``), and ``head.safetensors``.
+checkpoint path and sha256, model config, ``max_length``, labels, ``head_bias``, the counts of
+trainable and total parameters) beside the trained tensors: ``adapter.safetensors`` +
+``adapter.json`` (``lora``) and/or ``trained.safetensors`` (``last_block``, ``full``; in ``lora``
+mode only when other body tensors were trained too, as an imported PEFT adapter's
+``modules_to_save``), and ``head.safetensors`` (``weight``, and ``bias`` when the head has one;
+folders written before ``head_bias`` existed always have one).
 """
 
 from __future__ import annotations
@@ -73,7 +76,9 @@ def save_classifier(
     """Write only what was trained, plus ``classifier.json``; replaces ``out_dir`` atomically.
 
     ``lora`` mode writes the adapter (with the base sha256) and the head; ``last_block`` and
-    ``full`` write the trained body tensors and the head.
+    ``full`` write the trained body tensors and the head. A ``lora`` model whose body tensors
+    also require grad (an imported PEFT adapter with more ``modules_to_save`` than the head)
+    writes those too.
     """
     base_meta = read_config(base_dir)
     with atomic_dir(out_dir) as tmp:
@@ -83,8 +88,9 @@ def save_classifier(
                 raise ClassifierError("saving a lora-mode classifier needs its LoRAConfig")
             save_adapter(model.body, tmp, lora, base_sha256=base_meta["sha256"])
             files["adapter"] = ADAPTER_FILE
-        else:
-            save_file(trained_state(model), str(tmp / TRAINED_FILE), metadata={"format": "pt"})
+        trained = trained_state(model)
+        if mode != "lora" or trained:
+            save_file(trained, str(tmp / TRAINED_FILE), metadata={"format": "pt"})
             files["trained"] = TRAINED_FILE
         head = {k: v.detach().float().contiguous() for k, v in model.head.state_dict().items()}
         save_file(head, str(tmp / HEAD_FILE), metadata={"format": "pt"})
@@ -93,6 +99,7 @@ def save_classifier(
             "mode": mode,
             "labels": list(CLASS_NAMES[: model.head.out_features]),
             "max_length": model.max_length,
+            "head_bias": model.head.bias is not None,
             "base": {
                 "path": str(base_dir),
                 "sha256": base_meta["sha256"],
@@ -177,17 +184,18 @@ def load_classifier(
     body = load_model(base_dir)
     if meta["mode"] == "lora":
         load_adapter(body, path, base_sha256=want)
-        if merged:
-            merge(body)
-    else:
+    if "trained" in meta["files"]:
         state = _load_tensors(path / meta["files"]["trained"])
         own = body.state_dict()
         bad = [k for k in state if k not in own or own[k].shape != state[k].shape]
         if bad:
             raise ClassifierError(f"{path}: tensor {bad[0]!r} does not fit the base model {base_dir}")
         body.load_state_dict(state, strict=False)
-    model = SpamClassifier(body, len(meta["labels"]), meta["max_length"])
+    if merged:  # after the trained tensors: a merge adds the adapter to the weight they set
+        merge(body)
     head = _load_tensors(path / meta["files"]["head"])
+    # Folders written before head_bias existed have no key and always a bias: the file tells.
+    model = SpamClassifier(body, len(meta["labels"]), meta["max_length"], head_bias="bias" in head)
     try:
         model.head.load_state_dict(head)
     except RuntimeError as err:

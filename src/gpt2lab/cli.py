@@ -119,6 +119,51 @@ def _classify(args: argparse.Namespace) -> None:
         print(f"{result['label']:<4}  {result['probability']:.4f}  {preview}")
 
 
+def _is_mlflow_uri(source: str) -> bool:
+    return source.startswith(("runs:/", "models:/")) or "://" in source
+
+
+def _mlflow_model(source: str, dst: str) -> tuple[str, str]:
+    """(classifier folder, base folder) of an MLflow model URI, downloaded into ``dst``.
+
+    The store is the pipeline's: ``MLFLOW_TRACKING_URI``, else ``tracking.uri``, else the SQLite
+    store at the repository root.
+    """
+    from gpt2lab.params import TrackingParams, load_params
+    from gpt2lab.serving import download_model
+    from gpt2lab.tracking import repo_root, resolve_uri
+
+    root = repo_root()
+    params = root / "params.yaml"
+    tracking = load_params(params, sections=["tracking"]).tracking if params.is_file() else TrackingParams()
+    classifier, base = download_model(source, dst, tracking_uri=resolve_uri(tracking, root))
+    return str(classifier), str(base)
+
+
+def _export(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from gpt2lab.export import export_hf, export_peft
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, base = args.source, args.base
+        if _is_mlflow_uri(source):
+            source, base = _mlflow_model(source, tmp)
+        if args.format == "peft":
+            out = export_peft(source, args.output_dir, base_model=args.base_model)
+            print(f"wrote {out}/adapter_config.json and {out}/adapter_model.safetensors (PEFT LoRA, SEQ_CLS)")
+        else:
+            out = export_hf(source, args.output_dir, base_dir=base)
+            print(f"wrote {out}/config.json, {out}/model.safetensors and tokenizer files (transformers)")
+
+
+def _import(args: argparse.Namespace) -> None:
+    from gpt2lab.export import import_peft
+
+    out = import_peft(args.adapter_dir, args.base, args.output_dir)
+    print(f"wrote {out}/ (a lora classifier on {args.base}); try: gpt2lab classify --model {out} \"hello\"")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt2lab",
@@ -178,6 +223,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds of work per request; then 504 and the work stops (default: %(default)s)")  # fmt: skip
     p.set_defaults(func=_serve)
+
+    source_help = "classifier folder, or an MLflow model URI such as runs:/<run id>/model"
+    p = sub.add_parser("export", help="write a classifier (or base checkpoint) for transformers or PEFT, exactly")
+    formats = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    f = formats.add_parser("peft", help="a PEFT LoRA adapter for GPT2ForSequenceClassification (lora classifiers)")
+    f.add_argument("source", help=source_help)
+    f.add_argument("output_dir", help="folder to write adapter_config.json and adapter_model.safetensors into")
+    f.add_argument("--base-model", default=None, metavar="NAME",
+                   help="base_model_name_or_path to record (default: openai-community/<size> for a pretrained "
+                        "GPT-2 base, else none)")  # fmt: skip
+    f.set_defaults(func=_export, base=None)
+    f = formats.add_parser("hf", help="a merged transformers model: GPT2ForSequenceClassification, or "
+                                      "GPT2LMHeadModel for a base checkpoint")  # fmt: skip
+    f.add_argument("source", help=f"{source_help}; or a base checkpoint folder (models/base)")
+    f.add_argument("output_dir", help="folder to write config.json, model.safetensors and tokenizer files into")
+    f.add_argument("--base", default=None, metavar="DIR",
+                   help="the classifier's base checkpoint folder (default: the one it was trained on)")  # fmt: skip
+    f.set_defaults(func=_export, base_model=None)
+
+    p = sub.add_parser("import", help="turn a PEFT adapter into a gpt2lab classifier folder, exactly")
+    formats = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    f = formats.add_parser("peft", help="a PEFT LoRA adapter trained on GPT2ForSequenceClassification")
+    f.add_argument("adapter_dir", help="folder with adapter_config.json and adapter_model.safetensors")
+    f.add_argument("output_dir", help="classifier folder to write (classifier.json, adapter, head)")
+    f.add_argument("--base", required=True, metavar="DIR",
+                   help="gpt2lab base checkpoint of the GPT-2 the adapter was trained on (gpt2lab convert)")  # fmt: skip
+    f.set_defaults(func=_import)
     return parser
 
 

@@ -4,7 +4,8 @@ Each source format is a mapping table ``{source key template: canonical key}`` (
 layer index) plus the set of keys stored transposed. :func:`convert` applies a table and
 raises on any unmapped, missing or wrong-shape tensor, naming it. Sources: OpenAI's original
 TensorFlow checkpoint (TensorFlow is imported only in :func:`read_openai_checkpoint`) and
-Hugging Face safetensors files.
+Hugging Face safetensors files. The other direction, to ``transformers``' names and layouts
+(:func:`to_hf`), runs the same table inverted; PEFT's LoRA names are one more table.
 """
 
 from __future__ import annotations
@@ -69,9 +70,52 @@ OPENAI_TABLE = {
 # Both sources store projections as (in, out) (HF's Conv1D, TF's 1x1 conv); we use (out, in).
 TRANSPOSED = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
 
+# transformers' GPT-2 models hold the body under this prefix (GPT2LMHeadModel, GPT2ForSequenceClassification).
+HF_PREFIX = "transformer."
+# The projections LoRA can adapt: the linear layers of a block (lm_head is tied to wte).
+PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# PEFT's LoRA matrices (under HF_PREFIX) -> canonical. PEFT keeps nn.Linear layouts, A (r, in) and
+# B (out, r), even on GPT-2's Conv1D layers, as gpt2lab's LoRALinear does: renamed, never transposed.
+PEFT_LORA_TABLE = {
+    f"h.{{}}.{proj}.lora_{ab}.weight": f"h.{{}}.{proj}.lora_{ab.lower()}" for proj in PROJECTIONS for ab in "AB"
+}
+
 
 def _template_regex(template: str) -> re.Pattern[str]:
     return re.compile(re.escape(template).replace(r"\{\}", r"(\d+)") + "$")
+
+
+def rename_key(key: str, table: Mapping[str, str], *, inverse: bool = False) -> str:
+    """``key`` through ``table`` (source -> canonical, or canonical -> source when ``inverse``).
+
+    Raises :class:`CheckpointError` naming the key when the table has no template for it.
+    """
+    for src, dst in table.items():
+        pattern, target = (dst, src) if inverse else (src, dst)
+        m = _template_regex(pattern).match(key)
+        if m:
+            return target.format(*m.groups())
+    raise CheckpointError(f"tensor {key!r} has no counterpart in the target format")
+
+
+def to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Canonical tensors (a whole body or any part) -> ``transformers``' GPT-2 names and layouts.
+
+    :data:`HF_TABLE` inverted, under :data:`HF_PREFIX`; projections go back to Conv1D's (in, out).
+    """
+    return {HF_PREFIX + rename_key(key, HF_TABLE, inverse=True): _layout(key, t) for key, t in state.items()}
+
+
+def from_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`to_hf`, for any part of a body (keys with or without :data:`HF_PREFIX`)."""
+    named = {rename_key(k.removeprefix(HF_PREFIX), HF_TABLE): t for k, t in state.items()}
+    return {key: _layout(key, t) for key, t in named.items()}
+
+
+def _layout(canonical_key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """fp32 and contiguous; a projection weight transposed ((out, in) <-> (in, out))."""
+    tensor = tensor.detach().to(torch.float32)
+    return (tensor.t() if TRANSPOSED.fullmatch(canonical_key) else tensor).contiguous()
 
 
 def convert(
@@ -142,7 +186,7 @@ def read_hf_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], GPT2C
         raw = load_file(str(file))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
-    state = {k.removeprefix("transformer."): v for k, v in raw.items()}
+    state = {k.removeprefix(HF_PREFIX): v for k, v in raw.items()}
     lm_head = state.pop("lm_head.weight", None)
     if "wte.weight" not in state or "wpe.weight" not in state:
         missing = "wte.weight" if "wte.weight" not in state else "wpe.weight"

@@ -190,6 +190,7 @@ class TrainParams:
     precision: str = "bf16"
     max_length: int | None = None
     bucket: bool = True
+    head_bias: bool = False
     num_threads: int | None = neutral(None)
     checkpoint_every: int = neutral(0)
     resume: bool = neutral(True)

@@ -38,7 +38,8 @@ from typing import Any
 
 import pandas as pd
 
-from gpt2lab.classifier_io import read_classifier_meta
+from gpt2lab.classifier_io import META_FILE, read_classifier_meta
+from gpt2lab.errors import Gpt2labError
 from gpt2lab.fileio import write_atomic
 from gpt2lab.inference import Classifier, InvalidTextError, StoppedError
 from gpt2lab.server import INPUT_COLUMN, STOPPING, TIMEOUT_ENV
@@ -51,6 +52,10 @@ PACKAGE_DIR = Path(__file__).parent
 INPUT_EXAMPLE = ["You won $1000! Claim now.", "see you at lunch?"]
 # What `import gpt2lab.inference` needs at serving time (mlflow itself serves the model).
 REQUIREMENTS = ("torch", "numpy", "pandas", "safetensors", "tiktoken", "PyYAML", "requests", "filelock", "tqdm", "mlflow")
+
+
+class ModelDownloadError(Gpt2labError, RuntimeError):
+    """An MLflow model cannot be downloaded, or is not a gpt2lab classifier model."""
 
 
 class SpamPyfunc:
@@ -205,3 +210,25 @@ def log_model(
                 mlflow.set_tracking_uri(previous_uri)
     log.info("logged the classifier as MLflow model %s", info.model_uri)
     return info
+
+
+def download_model(model_uri: str, dst: str | Path, *, tracking_uri: str | None = None) -> tuple[Path, Path]:
+    """Download a model logged by :func:`log_model` (``runs:/<run id>/model``, ``models:/...``) into ``dst``.
+
+    Returns its (classifier folder, base checkpoint folder), e.g. for :mod:`gpt2lab.export`; the
+    BPE ranks it ships are put in the tokenizer cache when none is there.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst), tracking_uri=tracking_uri)
+    except (MlflowException, OSError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelDownloadError(f"{model_uri}: cannot download the MLflow model ({reason})") from err
+    artifacts = Path(local) / "artifacts"
+    classifier, base = artifacts / "classifier", artifacts / "base"
+    if not (classifier / META_FILE).is_file():
+        raise ModelDownloadError(f"{model_uri}: not a gpt2lab classifier model (no artifacts/classifier/{META_FILE})")
+    _seed_tokenizer_cache(artifacts / _ranks_path().name)
+    return classifier, base

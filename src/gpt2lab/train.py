@@ -259,7 +259,8 @@ def setup(
 
     seed_everything(seed)
     lora_cfg = LoRAConfig.from_params(lora) if train.mode == "lora" else None
-    model = build_classifier(base_dir, train.mode, lora_cfg, max_length=train.max_length)
+    model = build_classifier(base_dir, train.mode, lora_cfg, max_length=train.max_length,
+                             head_bias=train.head_bias)  # fmt: skip
     trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
     if train.precision == "bf16":
         cast_frozen_linears(model, torch.bfloat16)
