@@ -36,7 +36,8 @@ def logged(tmp_path_factory) -> dict:
     before = mlflow.get_tracking_uri()
     info = log_model(clf_dir, base, run_id=run_id, tracking_uri=uri)
     assert mlflow.get_tracking_uri() == before  # the caller's store is left as it was
-    return {"root": root, "uri": uri, "run_id": run_id, "info": info, "clf": Classifier.load(clf_dir, base)}
+    return {"root": root, "uri": uri, "run_id": run_id, "info": info, "clf": Classifier.load(clf_dir, base),
+            "dirs": (clf_dir, base)}  # fmt: skip
 
 
 @pytest.fixture
@@ -79,6 +80,15 @@ def test_pyfunc_answers_equal_the_python_api(store):
     assert out.probability.tolist() == pytest.approx([w["probability"] for w in want], rel=1e-6, abs=1e-9)
     with pytest.raises(mlflow.exceptions.MlflowException, match="not a string"):
         model.predict(pd.DataFrame({"text": ["fine", None]}))
+
+
+def test_the_served_model_runs_int8_when_its_config_says_so(store):
+    """The model config's precision (``log_model(precision=...)``, or overridden at load) picks int8 weights."""
+    model = mlflow.pyfunc.load_model(f"runs:/{store['run_id']}/model", model_config={"precision": "int8"})
+    got = model.predict(pd.DataFrame({"text": MESSAGES})).probability.tolist()
+    int8 = Classifier.load(*store["dirs"], precision="int8").predict_proba(MESSAGES)
+    assert got == pytest.approx(int8.tolist(), rel=1e-6, abs=1e-9)
+    assert got == pytest.approx(store["clf"].predict_proba(MESSAGES).tolist(), abs=0.05)  # int8's tolerance
 
 
 def free_port() -> int:
