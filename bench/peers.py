@@ -2,6 +2,7 @@
 
 - CTranslate2 (``ctranslate2``): its Transformers converter on a ``GPT2LMHeadModel`` saved to a
   temporary folder; run at ``compute_type`` ``float32`` and ``int8`` (weights quantized at load).
+  As a classifier: the same decoder with the 2-class head as its output layer.
 - ONNX Runtime (``onnxruntime``, ``onnx``): the model exported with ``torch.onnx`` (a decoder
   step with the KV cache as inputs and outputs, and a sequence classifier), run in fp32 and
   after ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, inputs quantized per call).
@@ -174,7 +175,6 @@ class ORTGenerator:
 def ort_export_classifier(hf_classifier: nn.Module, folder: Path) -> Path:
     """A transformers ``GPT2ForSequenceClassification`` as ONNX: (ids, attention mask) -> logits (B, 2)."""
     hf_classifier = hf_classifier.float().eval()
-    hf_classifier.config.return_dict = False
     ids = torch.full((2, 5), 50256, dtype=torch.long)
     mask = torch.ones(2, 5, dtype=torch.long)
     axes = {"ids": {0: "B", 1: "T"}, "mask": {0: "B", 1: "T"}, "logits": {0: "B"}}
@@ -185,7 +185,7 @@ def ort_export_classifier(hf_classifier: nn.Module, folder: Path) -> Path:
             self.inner = inner
 
         def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return self.inner(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+            return self.inner(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
     return _export(Logits(hf_classifier), (ids, mask), folder / "classifier.onnx", (["ids", "mask"], ["logits"]), axes)
 
@@ -199,4 +199,41 @@ class ORTClassifier:
     def spam_probability(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         (logits,) = self.session.run(None, {"ids": ids, "mask": mask})
         e = np.exp(logits - logits.max(-1, keepdims=True))
+        return (e / e.sum(-1, keepdims=True))[:, 1]
+
+
+# --- classification ------------------------------------------------------------------------
+def ct2_convert_classifier(hf_classifier: nn.Module, hf_folder: Path, out: Path) -> Path:
+    """A ``GPT2ForSequenceClassification`` as a CTranslate2 decoder whose output layer is the
+    2-class head (CTranslate2 has no sequence-classification model for GPT-2): its logits at a
+    message's last token are the classifier's. ``hf_folder`` supplies the vocabulary."""
+    from ctranslate2.converters.transformers import GPT2Loader
+    from transformers import GPT2LMHeadModel, GPT2Tokenizer
+
+    if getattr(hf_classifier.score, "bias", None) is not None:
+        raise ValueError("the CTranslate2 head is read without a bias")
+    lm = GPT2LMHeadModel(hf_classifier.config).eval()
+    lm.transformer, lm.lm_head = hf_classifier.transformer, hf_classifier.score  # (2, n_embd) output layer
+    spec = GPT2Loader()(lm, GPT2Tokenizer.from_pretrained(str(hf_folder)))
+    spec.validate()
+    spec.optimize(quantization=None)
+    out.mkdir(parents=True, exist_ok=True)
+    spec.save(str(out))
+    return out
+
+
+class CT2Classifier:
+    """Spam probabilities from :func:`ct2_convert_classifier`'s model (``compute_type``: ``float32`` or ``int8``)."""
+
+    def __init__(self, folder: Path, compute_type: str, threads: int):
+        import ctranslate2
+
+        self.generator = ctranslate2.Generator(str(folder), device="cpu", compute_type=compute_type,
+                                               intra_threads=threads)  # fmt: skip
+
+    def spam_probability(self, batch: list[list[int]]) -> np.ndarray:
+        """``batch``: token ids of each message (any lengths) -> spam probability (B,)."""
+        logits = np.asarray(self.generator.forward_batch(batch))  # (B, T, 2)
+        last = logits[np.arange(len(batch)), [len(ids) - 1 for ids in batch]]  # (B, 2)
+        e = np.exp(last - last.max(-1, keepdims=True))
         return (e / e.sum(-1, keepdims=True))[:, 1]
