@@ -17,6 +17,7 @@ from gpt2lab.model import GPT2, GPT2Config
 from gpt2lab.quantize import (
     ENGINES,
     Int8Linear,
+    Int8MLP,
     Int8UnsupportedError,
     check_int8,
     int8_unsupported_reason,
@@ -74,9 +75,19 @@ def test_a_tiny_gpt2_stays_within_the_tolerance_of_fp32(workload):
         replaced = quantize_int8(model, workload)
         approx = model(idx)
     assert len(replaced) == 4 * CFG.n_layer + 1  # every projection and the LM head
+    assert isinstance(model.h[0].mlp, Int8MLP) == (workload == "batch")  # GELU fused into c_fc for batches
     assert (approx - exact).abs().max() <= MODEL_RTOL * exact.abs().max()
     agree = (approx.argmax(-1) == exact.argmax(-1)).float().mean()
     assert agree >= 0.9  # the top token (random weights: many near-ties)
+
+
+def test_the_fused_int8_mlp_is_gpt2s_mlp_on_int8_weights():
+    mlp = _model(4).h[1].mlp
+    x = torch.randn(2, 7, CFG.n_embd)
+    with torch.inference_mode():
+        exact = mlp(x)
+        approx = Int8MLP(mlp)(x)
+    assert approx.shape == exact.shape and (approx - exact).abs().max() <= LAYER_RTOL * exact.abs().max()
 
 
 def test_only_linear_and_merged_lora_layers_are_replaced_and_the_embedding_stays_tied_fp32():
@@ -100,9 +111,9 @@ def test_merged_lora_is_quantized_with_its_update():
     merge(model)
     x = torch.randn(4, CFG.n_embd)
     with torch.inference_mode():
-        exact = model.h[0].mlp.c_fc(x)
+        exact = model.h[0].mlp(x)
         quantize_int8(model, "batch")
-        approx = model.h[0].mlp.c_fc(x)
+        approx = model.h[0].mlp(x)
     assert (approx - exact).abs().max() <= LAYER_RTOL * exact.abs().max()
 
 
