@@ -42,6 +42,7 @@ import torch
 from gpt2lab.convert import HF_IGNORED, HF_TABLE, convert
 from gpt2lab.devices import DTYPES
 from gpt2lab.generate import generate
+from gpt2lab.kernels import few_row_kernels
 from gpt2lab.model import GPT2, PRESETS
 from gpt2lab.quantize import quantize_int8
 
@@ -99,6 +100,30 @@ def same_prefix(out: list[int], reference: list[int]) -> int:
     return next((i for i, (a, b) in enumerate(zip(out, reference)) if a != b), min(len(out), len(reference)))
 
 
+@torch.inference_mode()
+def next_tokens(model: GPT2, ids: torch.Tensor, first: int) -> torch.Tensor:
+    """The greedy next token after each position ``first``.. of ``ids`` (1, T), decoded as generation
+    does: the first ``first + 1`` tokens as a prefill, then one cached step per token."""
+    T = ids.shape[1]
+    model.setup_cache(1, T)
+    try:
+        with few_row_kernels(model):
+            out = [model(ids[:, : first + 1], start=0, last_only=True)[0, -1].argmax()]
+            out += [model(ids[:, t : t + 1], start=t, last_only=True)[0, -1].argmax() for t in range(first + 1, T)]
+    finally:
+        model.clear_cache()
+    return torch.stack(out)
+
+
+def top1_agreement(model: GPT2, reference: GPT2, ids: torch.Tensor, first: int) -> float:
+    """Share of positions ``first``.. of ``ids`` (1, T) where ``model`` and ``reference`` pick the same next token.
+
+    Teacher-forced on one text (fp32's greedy output), so a near-tie that flips does not derail
+    the positions after it, as it does in free-running greedy decoding.
+    """
+    return float((next_tokens(model, ids, first) == next_tokens(reference, ids, first)).float().mean())
+
+
 def engines(ours: GPT2, hf: torch.nn.Module, folder: Path, threads: int) -> dict[tuple[str, str], Callable]:
     """CTranslate2 and ONNX Runtime decoders on ``hf``/``ours``' weights, {(engine, precision): generate(prompt, n)}.
 
@@ -145,7 +170,7 @@ def main() -> None:
           f"torch {torch.__version__}, {threads} threads, {cpu}")  # fmt: skip
     decodings = {"plain": 0} | ({f"prompt lookup {args.lookup}": args.lookup} if args.lookup else {})
 
-    rows, engine_rows, floors = [], [], {}
+    rows, engine_rows, floors, agreement = [], [], {}, {}
     for text in args.texts:
         fp32, hf_fp32 = build_models(args.seed, text)
         ours: dict[str, GPT2] = {}
@@ -206,6 +231,10 @@ def main() -> None:
                 same = f"{same_prefix(out, tokens.get(('transformers', precision, 0), out))}/{n}" if hf_tps else "-"
                 rows.append((text, precision, decoding, ours_tps, hf_tps, hf_plain, ours_passes[precision, lookup],
                              same, len(set(out))))  # fmt: skip
+        if reference is not None:
+            ids = torch.cat([prompt, torch.tensor([reference])], dim=1)[:, :-1]  # the text fp32 predicted
+            for precision, model in ours.items():
+                agreement[text, precision] = top1_agreement(model, ours["fp32"], ids, prompt.shape[1] - 1)
         int8_tps = tps.get(("gpt2lab", "int8", 0))
         for (name, precision, lookup), rate in tps.items():
             if lookup == 0:
@@ -225,6 +254,11 @@ def main() -> None:
     print("|---|---|---|---:|---:|---:|")
     for text, name, precision, rate, vs, agree in engine_rows:
         print(f"| {text} | {name} | {precision} | {rate:.1f} | {vs} | {agree} |")
+    if agreement:
+        print("\nTop-1 agreement with gpt2lab fp32, teacher-forced on fp32's greedy text (every position counts):\n")
+        print("| text | precision | same next token |\n|---|---|---:|")
+        for (text, precision), share in agreement.items():
+            print(f"| {text} | {precision} | {share:.1%} |")
     for precision, seconds in floors.items():
         print(f"\n{precision}: reading the weights once takes {seconds * 1e3:.1f} ms, so no plain decoder of batch 1 "
               f"passes {1 / seconds:.0f} tok/s here (memory bandwidth); gpt2lab plain decoding reaches "
