@@ -128,7 +128,7 @@ def _choices(section: str) -> dict[str, st.SearchStrategy]:
         ("weights", "source"): config.WEIGHT_SOURCES + ("s3",),
         ("train", "mode"): config.TRAIN_MODES + ("adapter",),
         ("train", "schedule"): config.SCHEDULES + ("step",),
-        ("train", "precision"): config.PRECISIONS + ("fp16",),
+        ("train", "precision"): config.PRECISIONS + ("fp16",),  # int8: inference only, refused
         ("eval", "precision"): config.PRECISIONS + ("fp16",),
         ("generate", "precision"): config.PRECISIONS + ("fp16",),
         ("data", "sha256"): (COMMITTED["data"]["sha256"], COMMITTED["data"]["sha256"].upper(), "abc"),

