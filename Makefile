@@ -41,5 +41,6 @@ smoke: setup
 
 # MLflow UI over the local store, light: one worker, no job runner. Ctrl-C stops it.
 ui: setup
+	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT) (the gpt2lab experiment opens on its runs; Ctrl-C stops it)"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --workers 1 --host 127.0.0.1 --port $(UI_PORT) \
 		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db --artifacts-destination $(CURDIR)/mlartifacts

@@ -13,7 +13,8 @@ def main() -> None:
         path = fetch_weights(params.model, params.weights, params.seed, OUT)
     except WeightsUnavailableError as err:
         raise WeightsUnavailableError(f"{err}. For an offline run use `make smoke`.") from err
-    print(f"fetch_weights: wrote {path} (source {params.weights.source}, model {params.model.name})")
+    note = "; RANDOM weights: every result of this run is a smoke check only" if params.weights.source == "random" else ""
+    print(f"fetch_weights: wrote {path} (source {params.weights.source}, model {params.model.name}){note}")
 
 
 if __name__ == "__main__":

@@ -5,12 +5,21 @@ from gpt2lab.tracking import PipelineFiles, log_pipeline_run
 
 RECORD = "models/mlflow_run.json"
 FILES = PipelineFiles(
-    metrics={"data": "data/prepared/stats.json", "train": "metrics/train.json", "eval": "metrics/eval.json",
-             "generate": "metrics/generate.json"},  # fmt: skip
-    curves={"": "metrics/train_curve.tsv", "step/": "metrics/train_steps.tsv"},
+    # Headline numbers only: test/f1, ..., training/examples_per_s, generation/tokens_per_s.
+    metrics={"training/": "metrics/train.json", "generation/": "metrics/generate.json"},
+    scores="metrics/eval_details.json",
+    score_keys=("f1", "accuracy", "precision", "recall", "roc_auc"),  # per split; not the counts
+    # Each pair under one prefix, so MLflow groups it: loss/train beside loss/val.
+    curves={
+        "metrics/train_curve.tsv": {"train_loss": "loss/train", "val_loss": "loss/val",
+                                    "train_acc": "accuracy/train", "val_acc": "accuracy/val"},  # fmt: skip
+        "metrics/train_steps.tsv": {"loss": "step/loss", "lr": "step/lr"},
+    },
+    datasets={split: f"data/prepared/{split}.csv" for split in ("train", "validation", "test")},
     artifacts={
-        "metrics": ["metrics/train.json", "metrics/eval.json", "metrics/generate.json", "metrics/predictions.csv",
-                    "data/prepared/stats.json"],  # fmt: skip
+        "metrics": ["metrics/train.json", "metrics/train_details.json", "metrics/eval.json",
+                    "metrics/eval_details.json", "metrics/generate.json", "metrics/samples.json",
+                    "metrics/predictions.csv", "data/prepared/stats.json"],  # fmt: skip
         "plots": ["metrics/train_curve.tsv", "metrics/train_steps.tsv", "metrics/train_plots", "metrics/plots"],
     },
     raw_dir="data/raw",

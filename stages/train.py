@@ -9,6 +9,7 @@ BASE = "models/base"
 DATA = "data/prepared"
 OUT = "models/classifier"
 METRICS = "metrics/train.json"
+DETAILS = "metrics/train_details.json"
 CURVE = "metrics/train_curve.tsv"
 STEPS = "metrics/train_steps.tsv"
 PLOTS = "metrics/train_plots"
@@ -18,13 +19,13 @@ def main() -> None:
     params = load_params()
     result = train_classifier(BASE, DATA, OUT, params.lora, params.train, params.seed,
                               checkpoint_dir=checkpoints_root(), progress=True)  # fmt: skip
-    write_outputs(result, METRICS, CURVE, PLOTS, STEPS)
+    write_outputs(result, METRICS, DETAILS, CURVE, PLOTS, STEPS)
     remove_checkpoint(result["checkpoint_dir"])  # only now that all is saved: a kill before this resumes
     m = result["metrics"]
     print(
         f"train: {m['mode']} {m['trainable_params']:,}/{m['total_params']:,} params trained, "
-        f"val accuracy {m['val_accuracy']:.4f}, {m['examples_per_s']:.1f} examples/s, "
-        f"{m['wall_time_s']:.0f} s; wrote {OUT}/, {METRICS}, {CURVE}, {STEPS}, {PLOTS}/"
+        f"val accuracy {m['val_accuracy']:.4f}{'' if m['base_pretrained'] else ' (random base)'}, "
+        f"{m['examples_per_s']:.1f} examples/s, {m['wall_time_s']:.0f} s; wrote {OUT}/ and metrics/"
     )
 
 

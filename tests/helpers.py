@@ -118,8 +118,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_serving(server, url: str, log: Path, timeout_s: float = 180) -> None:
-    """Poll ``url/ping`` until it answers 200; fail with the server's log if it dies or takes too long."""
+def wait_until_serving(server, url: str, log: Path, timeout_s: float = 180, path: str = "/ping") -> None:
+    """Poll ``url + path`` until it answers 200; fail with the server's log if it dies or takes too long."""
     import time
 
     import requests
@@ -128,9 +128,9 @@ def wait_until_serving(server, url: str, log: Path, timeout_s: float = 180) -> N
     while True:
         assert server.poll() is None, log.read_text()[-3000:]
         try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+            if requests.get(f"{url}{path}", timeout=2).status_code == 200:
                 return
         except requests.ConnectionError:
             pass
-        assert time.monotonic() < deadline, "server did not answer /ping in time"
+        assert time.monotonic() < deadline, f"server did not answer {path} in time"
         time.sleep(0.5)

@@ -37,7 +37,7 @@ def test_random_weights_are_marked_and_seeded(tmp_path, caplog):
     b = random_checkpoint(TINY, 7, tmp_path / "b")
     assert json.loads((a / "config.json").read_text())["pretrained"] is False
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         load_model(a)
     assert "RANDOM weights" in caplog.text
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -33,7 +34,7 @@ def expected(saved) -> list[dict]:
 def assert_same(got: list[dict], want: list[dict]) -> None:
     """Same labels, same probabilities up to float rounding (another batch pads to another length)."""
     assert [g["label"] for g in got] == [w["label"] for w in want]
-    assert [g["probability"] for g in got] == pytest.approx([w["probability"] for w in want], rel=1e-5, abs=1e-7)
+    assert [g["spam_probability"] for g in got] == pytest.approx([w["spam_probability"] for w in want], rel=1e-5, abs=1e-7)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -43,14 +44,16 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_messages_as_arguments_print_label_and_probability(capsys, saved, expected):
-    code, out, _ = run(capsys, "classify", *MESSAGES[:2], "--model", str(saved[0]))
+    code, out, err = run(capsys, "classify", *MESSAGES[:2], "--model", str(saved[0]))
     assert code == 0
-    lines = out.splitlines()
+    header, *lines = out.splitlines()
+    assert header.split() == ["label", "P(spam)", "message"]  # the number is the spam probability, whatever the label
     assert len(lines) == 2
+    assert "random base weights" in err  # the test classifier is a smoke-run one, and says so once
     for line, text, want in zip(lines, MESSAGES, expected):
         label, prob, preview = line.split(maxsplit=2)
         assert label == want["label"] and label in ("spam", "ham")
-        assert float(prob) == pytest.approx(want["probability"], abs=5e-5)
+        assert float(prob) == pytest.approx(want["spam_probability"], abs=5e-5)
         assert preview == text
 
 
@@ -58,6 +61,7 @@ def test_json_output_is_a_list_of_label_and_probability(capsys, saved, expected)
     code, out, _ = run(capsys, "classify", *MESSAGES, "--model", str(saved[0]), "--json")
     assert code == 0
     assert json.loads(out) == expected  # same floats: JSON round-trips a double exactly
+    assert set(json.loads(out)[0]) == {"label", "spam_probability"}
 
 
 def test_file_one_message_per_line_after_the_arguments(capsys, saved, expected, tmp_path):
@@ -85,7 +89,8 @@ def test_missing_default_model_is_one_clear_line(capsys, monkeypatch, tmp_path):
     code, out, err = run(capsys, "classify", "hello")
     assert code == 1 and out == ""
     assert err == (
-        "error: no trained classifier at models/classifier; run `make repro` or `make smoke`, or pass --model\n"
+        "error: no trained classifier at models/classifier; run `make repro` (or `make smoke`, then use the "
+        "--model runs:/... it prints), or pass --model\n"
     )
 
 
@@ -135,7 +140,7 @@ def test_missing_base_checkpoint_points_at_the_base_option(capsys, tmp_path):
         assert "pass --base DIR" in line and "base_dir" not in line
         assert str(base) in line  # the base it was trained on, recorded at training time
     code, out, err = run(capsys, "classify", "hello", "--model", str(clf), "--base", str(moved))
-    assert code == 0 and out.split()[0] in ("spam", "ham"), err
+    assert code == 0 and out.splitlines()[1].split()[0] in ("spam", "ham"), err
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,8 +229,11 @@ def tiny_checkpoint(tmp_path, tiny_cfg) -> Path:
 def test_cli_streams_the_prompt_and_continuation(tiny_checkpoint, capsys):
     code = main(["generate", "Every effort moves you", "--model", str(tiny_checkpoint),
                      "--max-new-tokens", "6", "--temperature", "0"])  # fmt: skip
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 0 and out.startswith("Every effort moves you") and len(out) > len("Every effort moves you")
+    # stdout is the text alone; stderr ends with the summary (and warned once of the random weights).
+    assert re.fullmatch(r"6 tokens in \d+\.\d\d s \(\d+\.\d tokens/s\)", err.splitlines()[-1])
+    assert err.count("random weights") == 1
 
 
 def test_cli_prompt_lookup_prints_the_same_text(tiny_checkpoint, capsys):
@@ -252,7 +260,7 @@ def test_cli_int8_generates_and_classifies_close_to_fp32(tiny_checkpoint, saved,
     code, out, _ = run(capsys, "classify", *MESSAGES, "--model", str(saved[0]), "--json", "--precision", "int8")
     assert code == 0
     got = json.loads(out)
-    assert [g["probability"] for g in got] == pytest.approx([w["probability"] for w in expected], abs=0.05)
+    assert [g["spam_probability"] for g in got] == pytest.approx([w["spam_probability"] for w in expected], abs=0.05)
 
 
 @pytest.mark.parametrize("command", ["generate", "classify"])
@@ -296,9 +304,9 @@ def test_a_reader_that_leaves_early_ends_the_output_quietly(saved, tmp_path):
     clf, base = saved
     (tmp_path / "many.txt").write_text("see you at lunch, and bring the thing you promised last week\n" * 3000)
     script = (f"{sys.executable} -m gpt2lab.cli classify --file {tmp_path / 'many.txt'} --model {clf} --base {base}"
-              " 2>err.txt | head -1; echo ${PIPESTATUS[0]} > status.txt")  # fmt: skip
+              " 2>err.txt | head -2; echo ${PIPESTATUS[0]} > status.txt")  # fmt: skip
     done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.stdout.count("\n") == 1 and done.stdout.split()[0] in ("ham", "spam"), done.stdout
+    assert done.stdout.count("\n") == 2 and done.stdout.split()[3] in ("ham", "spam"), done.stdout  # header, one row
     err = (tmp_path / "err.txt").read_text()
     assert "Traceback" not in err and "Error" not in err, err  # (the random-weights warning may be there)
     assert (tmp_path / "status.txt").read_text().strip() == "141"
@@ -352,5 +360,23 @@ def test_an_exported_classifier_runs_in_a_fresh_transformers_process_offline(sav
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "hf"), json.dumps(texts)], env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    got = [{"label": max(s, key=s.get), "probability": s["spam"]} for s in json.loads(done.stdout)]
+    got = [{"label": max(s, key=s.get), "spam_probability": s["spam"]} for s in json.loads(done.stdout)]
     assert_same(got, [e for m, e in zip(MESSAGES, expected) if m])
+
+
+def test_a_missing_classifier_points_at_the_latest_logged_model(tmp_path, monkeypatch, capsys):
+    """After `make smoke` the workspace has no models/classifier: the hint names the model to use."""
+    import mlflow
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / ".dvc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    code, _, err = run(capsys, "classify", "hello")
+    assert code == 1 and "run `make repro` (or `make smoke`" in err  # no store yet
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("gpt2lab")).info.run_id
+    client.set_terminated(run_id)
+    code, _, err = run(capsys, "classify", "hello")
+    assert code == 1 and f"gpt2lab classify --model runs:/{run_id}/model" in err, err

@@ -142,14 +142,21 @@ def test_metrics_and_predictions(project, tmp_path):
     cm = metrics["test"]["confusion_matrix"]
     assert min(cm.values()) >= 0 and sum(cm.values()) == len(splits["test"])
 
-    files = write_outputs(result, tmp_path / "eval.json", tmp_path / "predictions.csv", tmp_path / "plots")
-    assert json.loads((tmp_path / "eval.json").read_text()) == json.loads(json.dumps(metrics))
+    files = write_outputs(result, tmp_path / "eval.json", tmp_path / "predictions.csv", tmp_path / "plots",
+                          tmp_path / "details.json")  # fmt: skip
+    headline = json.loads((tmp_path / "eval.json").read_text())
+    details = json.loads((tmp_path / "details.json").read_text())
+    # The DVC metric: the held-out split's scores, F1 first (what `dvc exp show` keeps in view); no counts.
+    assert list(headline) == ["test"] and list(headline["test"]) == ["f1", "accuracy", "precision", "recall", "roc_auc"]
+    assert all(headline["test"][k] == details["test"][k] for k in headline["test"])
+    assert details == json.loads(json.dumps(metrics))  # every number of every split
     reread = pd.read_csv(tmp_path / "predictions.csv")
     assert reread.probability.tolist() == predictions.probability.tolist()  # full precision, exact
-    check_against_independent(json.loads((tmp_path / "eval.json").read_text()), reread, threshold)
+    check_against_independent(details, reread, threshold)
     names = sorted(f.relative_to(tmp_path).as_posix() for f in files)
-    assert names == sorted(["eval.json", "predictions.csv", "plots/confusion.csv", "plots/roc.csv", "plots/pr.csv",
-                            "plots/confusion_matrix.png", "plots/roc.png", "plots/precision_recall.png"])  # fmt: skip
+    assert names == sorted(["eval.json", "details.json", "predictions.csv", "plots/confusion.csv", "plots/roc.csv",
+                            "plots/pr.csv", "plots/confusion_matrix.png", "plots/roc.png",
+                            "plots/precision_recall.png"])  # fmt: skip
 
 
 def test_int8_evaluation_is_close_to_fp32(project):
@@ -174,8 +181,8 @@ def test_stage_script_end_to_end(project):
     done = subprocess.run([sys.executable, str(REPO / "stages" / "evaluate.py")], cwd=project, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "evaluate: train accuracy" in done.stdout
-    metrics = json.loads((project / "metrics" / "eval.json").read_text())
+    assert done.stdout.startswith("evaluate: test F1 ") and done.stdout.count("\n") == 1  # one result line
+    metrics = json.loads((project / "metrics" / "eval_details.json").read_text())
     predictions = pd.read_csv(project / "metrics" / "predictions.csv")
     assert metrics["precision"] == "bf16" and metrics["threshold"] == 0.5  # params.yaml's eval section
     check_against_independent(metrics, predictions, 0.5)

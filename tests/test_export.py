@@ -225,7 +225,7 @@ def test_merged_classifier_runs_in_a_transformers_pipeline_offline(tmp_path, bas
     got = classify(texts, truncation=True)  # to the classifier's max_length, its first tokens, as gpt2lab reads it
     probs = np.array([{r["label"]: r["score"] for r in rows}["spam"] for rows in got])
     want = Classifier.load(clf).classify(texts)
-    np.testing.assert_allclose(probs, [w["probability"] for w in want], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(probs, [w["spam_probability"] for w in want], atol=ATOL, rtol=0)
     assert [max(rows, key=lambda r: r["score"])["label"] for rows in got] == [w["label"] for w in want]
 
 
@@ -306,7 +306,7 @@ def test_an_imported_adapter_is_evaluated_and_served_like_a_trained_one(tmp_path
     with mlflow.start_run():
         info = log_model(out)
     served = mlflow.pyfunc.load_model(info.model_uri).predict(pd.DataFrame({"text": TEXTS}))
-    np.testing.assert_allclose(served.probability, gpt2lab_probs(out), atol=1e-9, rtol=0)
+    np.testing.assert_allclose(served.spam_probability, gpt2lab_probs(out), atol=1e-9, rtol=0)
 
 
 def test_an_adapter_saved_without_its_head_is_refused(tmp_path, hf_base, base):

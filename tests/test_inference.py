@@ -180,7 +180,7 @@ MESSAGE_LISTS = st.lists(st.one_of(TEXT, st.text(st.characters(), max_size=30)),
 def test_classify_any_list_of_strings(clf, texts):
     results = clf.classify(texts)
     assert len(results) == len(texts)
-    probs = np.array([r["probability"] for r in results])
+    probs = np.array([r["spam_probability"] for r in results])
     assert np.all((probs >= 0) & (probs <= 1))
     assert [r["label"] for r in results] == ["spam" if p >= clf.threshold else "ham" for p in probs]
     alone = [clf.predict_proba([t])[0] for t in texts]

@@ -15,7 +15,7 @@ import pytest
 
 from gpt2lab.dataset import parse_collection
 from gpt2lab.inference import Classifier
-from gpt2lab.serving import pip_requirements
+from gpt2lab.serving import SETTINGS_ENV, pip_requirements
 from tests.helpers import MESSAGES, free_port, log_tiny_classifier, wait_until_serving
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sms_small.tsv"
@@ -52,7 +52,7 @@ def test_logged_as_code_with_safetensors_weights(store, tmp_path):
     assert meta.signature.inputs.to_dict() == [{"type": "string", "name": "text", "required": True}]
     assert meta.signature.outputs.to_dict() == [
         {"type": "string", "name": "label", "required": True},
-        {"type": "double", "name": "probability", "required": True},
+        {"type": "double", "name": "spam_probability", "required": True},
     ]
     example = json.loads((local / "input_example.json").read_text())
     assert example["columns"] == ["text"] and len(example["data"]) == 2
@@ -64,10 +64,10 @@ def test_logged_as_code_with_safetensors_weights(store, tmp_path):
 def test_pyfunc_answers_equal_the_python_api(store):
     model = mlflow.pyfunc.load_model(f"runs:/{store['run_id']}/model")
     out = model.predict(pd.DataFrame({"text": MESSAGES}))
-    assert list(out.columns) == ["label", "probability"]
+    assert list(out.columns) == ["label", "spam_probability"]
     want = store["clf"].classify(MESSAGES)
     assert out.label.tolist() == [w["label"] for w in want]
-    assert out.probability.tolist() == pytest.approx([w["probability"] for w in want], rel=1e-6, abs=1e-9)
+    assert out.spam_probability.tolist() == pytest.approx([w["spam_probability"] for w in want], rel=1e-6, abs=1e-9)
     with pytest.raises(mlflow.exceptions.MlflowException, match="not a string"):
         model.predict(pd.DataFrame({"text": ["fine", None]}))
 
@@ -93,10 +93,11 @@ def test_the_logged_model_downloads_and_exports_to_transformers(store, tmp_path,
     assert capsys.readouterr().err.startswith("error: runs:/no-such-run/model: cannot download")
 
 
-def test_the_served_model_runs_int8_when_its_config_says_so(store):
-    """The model config's precision (``log_model(precision=...)``, or overridden at load) picks int8 weights."""
-    model = mlflow.pyfunc.load_model(f"runs:/{store['run_id']}/model", model_config={"precision": "int8"})
-    got = model.predict(pd.DataFrame({"text": MESSAGES})).probability.tolist()
+def test_the_served_model_runs_int8_when_its_settings_say_so(store, monkeypatch):
+    """The settings' precision (``log_model(precision=...)``, or overridden where it is loaded) picks int8 weights."""
+    monkeypatch.setenv(SETTINGS_ENV, json.dumps({"precision": "int8"}))
+    model = mlflow.pyfunc.load_model(f"runs:/{store['run_id']}/model")
+    got = model.predict(pd.DataFrame({"text": MESSAGES})).spam_probability.tolist()
     int8 = Classifier.load(*store["dirs"], precision="int8").predict_proba(MESSAGES)
     assert got == pytest.approx(int8.tolist(), rel=1e-6, abs=1e-9)
     assert got == pytest.approx(store["clf"].predict_proba(MESSAGES).tolist(), abs=0.05)  # int8's tolerance
@@ -133,7 +134,7 @@ def test_mlflow_models_serve_answers_invocations(logged, tmp_path):
             assert answer.status_code == 200, answer.text
             got = answer.json()["predictions"]
             assert [g["label"] for g in got] == [w["label"] for w in want]
-            assert [g["probability"] for g in got] == pytest.approx([w["probability"] for w in want], rel=1e-6)
+            assert [g["spam_probability"] for g in got] == pytest.approx([w["spam_probability"] for w in want], rel=1e-6)
         assert post(json.dumps({"inputs": {"text": []}})).json() == {"predictions": []}
 
         # Bad input: an answer in the 4xx range that says why, and the server keeps serving.
@@ -153,7 +154,7 @@ def test_mlflow_models_serve_answers_invocations(logged, tmp_path):
             assert answer.json()["message"]
         # MLflow casts `inputs` to the signature's type: a number there is read as its digits.
         digits = post(json.dumps({"inputs": {"text": [5]}})).json()["predictions"]
-        assert digits[0]["probability"] == pytest.approx(logged["clf"].predict_proba(["5"])[0], rel=1e-6)
+        assert digits[0]["spam_probability"] == pytest.approx(logged["clf"].predict_proba(["5"])[0], rel=1e-6)
         assert requests.get(f"{url}/ping", timeout=5).status_code == 200
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and the uvicorn worker it started

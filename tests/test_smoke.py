@@ -24,7 +24,7 @@ def test_override_values_in_dvc_set_param_syntax() -> None:
 
 def test_smoke_profile_is_valid_and_runs_in_a_temporary_copy() -> None:
     cmd = smoke.smoke_command(ROOT, ["-n", "x"])
-    assert cmd[1:6] == ["-m", "dvc", "exp", "run", "--temp"] and cmd[-2:] == ["-n", "x"]
+    assert cmd[1:6] == ["-m", "gpt2lab.smoke", "exp", "run", "--temp"] and cmd[-2:] == ["-n", "x"]
     overrides = smoke.load_overrides(ROOT / smoke.SMOKE_FILE, ROOT / "params.yaml")
     assert overrides["weights.source"] == "random" and overrides["train.epochs"] == 1
     assert "-S" in cmd and "weights.source=random" in cmd

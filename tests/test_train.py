@@ -81,15 +81,18 @@ def test_other_modes_train(tmp_path, train_inputs, mode):
 def test_write_outputs(tmp_path, train_inputs):
     base, data = train_inputs
     result = train_classifier(base, data, tmp_path / "clf", LORA, _params(epochs=1), seed=1)
-    paths = write_outputs(result, tmp_path / "m" / "train.json", tmp_path / "m" / "curve.tsv", tmp_path / "plots")
-    metrics = json.loads((tmp_path / "m" / "train.json").read_text())
-    assert {"train_loss", "val_loss", "train_accuracy", "val_accuracy", "trainable_params", "total_params",
-            "examples_per_s", "wall_time_s", "epochs"} <= set(metrics)  # fmt: skip
+    paths = write_outputs(result, tmp_path / "m" / "train.json", tmp_path / "m" / "details.json",
+                          tmp_path / "m" / "curve.tsv", tmp_path / "plots")  # fmt: skip
+    headline = json.loads((tmp_path / "m" / "train.json").read_text())
+    details = json.loads((tmp_path / "m" / "details.json").read_text())
+    assert list(headline) == ["train_loss", "val_loss", "trainable_params", "examples_per_s"]  # DVC's columns
+    assert {"train_accuracy", "val_accuracy", "total_params", "wall_time_s", "epochs"} <= set(details)
+    assert {**headline, **details} == json.loads(json.dumps(result["metrics"]))
     curve = pd.read_csv(tmp_path / "m" / "curve.tsv", sep="\t")
     assert list(curve.columns) == CURVE_COLUMNS and len(curve) == len(result["history"]["eval"])
     names = sorted(p.name for p in paths if p.parent == tmp_path / "plots")
     assert names == ["accuracy-plot.pdf", "accuracy.png", "loss-plot.pdf", "loss.png"]
     assert (tmp_path / "plots" / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "plots" / "loss-plot.pdf").read_bytes()[:4] == b"%PDF"
-    again = write_outputs(result, tmp_path / "m2.json", tmp_path / "c2.tsv", tmp_path / "plots2")
-    assert [p.read_bytes() for p in again[2:]] == [p.read_bytes() for p in paths[2:]]  # byte-reproducible
+    again = write_outputs(result, tmp_path / "m2.json", tmp_path / "d2.json", tmp_path / "c2.tsv", tmp_path / "plots2")
+    assert [p.read_bytes() for p in again[3:]] == [p.read_bytes() for p in paths[3:]]  # byte-reproducible

@@ -105,7 +105,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
     meta = read_config(path)
     cfg = GPT2Config.from_dict(meta["model"])
     if not meta.get("pretrained", False):
-        log.warning("%s holds RANDOM weights (pretrained: false), not a pretrained GPT-2", path)
+        log.info("%s holds RANDOM weights (pretrained: false), not a pretrained GPT-2", path)
     try:
         state = load_file(str(Path(path) / MODEL_FILE), device=str(device))
     except (SafetensorError, OSError) as err:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -15,9 +16,14 @@ from gpt2lab import __version__
 from gpt2lab.errors import Gpt2labError
 from gpt2lab.params import MAX_SEED, PRECISIONS, GenerateParams
 from gpt2lab.server import MAX_REQUEST_BYTES
-from gpt2lab.stage import run
+from gpt2lab.stage import VERBOSE_ENV, quiet_libraries, run
 
 Command = Callable[[argparse.Namespace], int | None]
+
+
+def warn(message: str) -> None:
+    """One ``warning: ...`` line on stderr (beside the ``error: ...`` lines of :func:`gpt2lab.stage.run`)."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -28,10 +34,12 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    import tempfile
     import time
 
     import torch
 
+    from gpt2lab.checkpoint import is_pretrained
     from gpt2lab.generate import check_sampling
     from gpt2lab.textgen import load_generator, stream_text
 
@@ -46,7 +54,12 @@ def _generate(args: argparse.Namespace) -> None:
         if args.threads < 1:
             raise Gpt2labError(f"--threads {args.threads}: expected a positive number of threads")
         torch.set_num_threads(args.threads)
-    model = load_generator(args.model, args.precision)
+    with tempfile.TemporaryDirectory() as tmp:
+        # An MLflow classifier model: generate with the GPT-2 it was trained on (its base).
+        path = _mlflow_model(args.model, tmp)[1] if _is_mlflow_uri(args.model) else args.model
+        model = load_generator(path, args.precision)
+        if not is_pretrained(path):
+            warn(f"{args.model} holds random weights (a smoke run): the text is noise")
     generator = torch.Generator().manual_seed(args.seed)
     print(args.prompt, end="", flush=True)
     t0, n = time.perf_counter(), 0
@@ -56,7 +69,8 @@ def _generate(args: argparse.Namespace) -> None:
                                  start=1):  # fmt: skip
         print(piece, end="", flush=True)
     print()
-    logging.getLogger("gpt2lab.cli").info("%d tokens in %.2f s", n, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    print(f"{n} tokens in {seconds:.2f} s ({n / seconds if seconds else 0.0:.1f} tokens/s)", file=sys.stderr)
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -64,6 +78,13 @@ def _serve(args: argparse.Namespace) -> None:
 
     if args.max_request_mb <= 0 or args.timeout <= 0:
         raise Gpt2labError("--max-request-mb and --timeout must be positive")
+    if args.precision:
+        import json
+
+        from gpt2lab.serving import SETTINGS_ENV
+
+        os.environ[SETTINGS_ENV] = json.dumps({**json.loads(os.environ.get(SETTINGS_ENV) or "{}"),
+                                               "precision": args.precision})  # fmt: skip
     serve(args.model, args.host, args.port, max_request_bytes=int(args.max_request_mb * 2**20), timeout_s=args.timeout)
 
 
@@ -91,30 +112,74 @@ def _read_messages(path: str) -> list[str]:
 
 
 def _classify(args: argparse.Namespace) -> None:
-    import json
-    from pathlib import Path
-
-    from gpt2lab.classifier_io import META_FILE, BaseCheckpointMissingError
-    from gpt2lab.inference import Classifier
+    import tempfile
 
     texts = list(args.messages) + (_read_messages(args.file) if args.file else [])
     if not texts:
         raise Gpt2labError("nothing to classify: give messages as arguments, or --file FILE with one per line")
-    if not (Path(args.model) / META_FILE).is_file():
-        raise Gpt2labError(f"no trained classifier at {args.model}; run `make repro` or `make smoke`, or pass --model")
+    with tempfile.TemporaryDirectory() as tmp:
+        model, base = _mlflow_model(args.model, tmp) if _is_mlflow_uri(args.model) else (args.model, args.base)
+        _classify_with(args, texts, model, base)
+
+
+def _classify_with(args: argparse.Namespace, texts: list[str], model: str, base: str | None) -> None:
+    import json
+    from pathlib import Path
+
+    from gpt2lab.classifier_io import META_FILE, BaseCheckpointMissingError, read_classifier_meta
+    from gpt2lab.inference import Classifier
+
+    if not (Path(model) / META_FILE).is_file():
+        raise Gpt2labError(f"no trained classifier at {model}; {_where_models_are()}")
     try:
-        clf = Classifier.load(args.model, args.base, batch_size=args.batch_size, precision=args.precision,
+        clf = Classifier.load(model, base, batch_size=args.batch_size, precision=args.precision,
                               threshold=args.threshold)  # fmt: skip
     except BaseCheckpointMissingError as err:  # its own wording names the Python argument base_dir=
         raise Gpt2labError(err.message("--base DIR")) from err
+    if not read_classifier_meta(model)["base"].get("pretrained", False):
+        warn("this classifier was trained on random base weights (a smoke run): its answers check the pipeline, "
+             "not spam")  # fmt: skip
     results = clf.classify(texts)
     if args.json:
         print(json.dumps(results))
         return
+    print(f"{'label':<5}  {'P(spam)':>7}  message")
     for text, result in zip(texts, results):
         preview = " ".join(text.split())
         preview = preview if len(preview) <= 60 else preview[:57] + "..."
-        print(f"{result['label']:<4}  {result['probability']:.4f}  {preview}")
+        print(f"{result['label']:<5}  {result['spam_probability']:>7.4f}  {preview}")
+
+
+def _where_models_are() -> str:
+    """The hint for a missing classifier folder: the latest logged model if there is one (a smoke run
+    keeps its outputs in its DVC experiment, not in the workspace), else how to train one."""
+    latest = _latest_model_uri()
+    if latest:
+        return f"use the latest logged one: gpt2lab classify --model {latest} ..., or run `make repro`"
+    return "run `make repro` (or `make smoke`, then use the --model runs:/... it prints), or pass --model"
+
+
+def _latest_model_uri() -> str | None:
+    """``runs:/<id>/model`` of the newest finished run of the project's MLflow experiment, if any."""
+    from gpt2lab.params import load_params
+    from gpt2lab.tracking import DB_FILE, ENV_URI, repo_root, resolve_uri
+
+    root = repo_root()
+    params = root / "params.yaml"
+    if not params.is_file() or not ((root / DB_FILE).is_file() or ENV_URI in os.environ):
+        return None  # no project here, or no store yet
+    tracking = load_params(params, sections=["tracking"]).tracking
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(resolve_uri(tracking, root))
+        experiment = client.get_experiment_by_name(tracking.experiment)
+        runs = [] if experiment is None else client.search_runs(
+            [experiment.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
+            max_results=1)  # fmt: skip
+    except Exception:  # a hint only: an unreadable store gives none
+        return None
+    return f"runs:/{runs[0].info.run_id}/model" if runs else None
 
 
 def _is_mlflow_uri(source: str) -> bool:
@@ -179,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = GenerateParams()  # the defaults of params.yaml's generate section
     p = sub.add_parser("generate", help="continue a prompt with GPT-2, streaming the text")
     p.add_argument("prompt", help="text to continue (empty: start from <|endoftext|>)")
-    p.add_argument("--model", default="models/base", help="converted checkpoint folder (default: %(default)s)")
+    p.add_argument("--model", default="models/base",
+                   help="converted checkpoint folder, or an MLflow classifier model (runs:/<run id>/model): "
+                        "its base (default: %(default)s)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="default: %(default)s")
     p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=d.top_k, help="keep the k likeliest; 0 = off (default: %(default)s)")
@@ -204,8 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="classify messages as spam or ham with the trained classifier")
     p.add_argument("messages", nargs="*", help="messages to classify (quote each one)")
     p.add_argument("--file", help="also classify each non-blank line of this UTF-8 file ('-': standard input)")
-    p.add_argument("--json", action="store_true", help='print [{"label": ..., "probability": ...}, ...] in input order')
-    p.add_argument("--model", default="models/classifier", help="trained classifier folder (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help='print [{"label": ..., "spam_probability": ...}, ...] in input order')
+    p.add_argument("--model", default="models/classifier",
+                   help="trained classifier folder, or an MLflow model: runs:/<run id>/model, models:/<name>@<alias> "
+                        "(default: %(default)s)")  # fmt: skip
     p.add_argument("--base", default=None, metavar="DIR",
                    help="its base checkpoint folder (default: the one it was trained on)")  # fmt: skip
     p.add_argument("--threshold", type=float, default=0.5, help="spam when probability >= it (default: %(default)s)")
@@ -222,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="larger requests are answered 413 unread (default: %(default)s)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds of work per request; then 504 and the work stops (default: %(default)s)")  # fmt: skip
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="over the precision logged with the model (default: the logged one, fp32)")  # fmt: skip
     p.set_defaults(func=_serve)
 
     source_help = "classifier folder, or an MLflow model URI such as runs:/<run id>/model"
@@ -260,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # the stages `gpt2lab smoke` runs log their detail too
+    quiet_libraries()
     return run(lambda: args.func(args))
 
 

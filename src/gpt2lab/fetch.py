@@ -134,7 +134,7 @@ def _download_once(
         linked = resp.headers.get("X-Linked-Etag", "").strip('"')
         expected = sha256 or (linked if len(linked) == 64 else None)
         with open(part, "ab" if offset else "wb") as f, tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, desc=dest.name, disable=not progress, leave=False
+            total=total, initial=offset, unit="B", unit_scale=True, desc=dest.name, disable=None if progress else True, leave=False
         ) as bar:
             if not offset:  # written after "wb" emptied the part: the record never describes older bytes
                 write_atomic(origin, json.dumps({"url": url, "validator": _validator(resp)}))
@@ -350,7 +350,7 @@ def fetch_first(
         except (
             requests.RequestException, OSError, zipfile.BadZipFile, ChecksumError, DownloadError, UnsafeArchiveError
         ) as err:  # fmt: skip
-            log.warning("source %s failed: %s", source, err)
+            log.info("source %s failed (%s); trying the next", source, type(err).__name__)
             failures.append(f"  {source}: {type(err).__name__}: {err}")
     raise DownloadError(f"could not fetch {Path(dest).name} from any source:\n" + "\n".join(failures))
 

@@ -182,9 +182,9 @@ class Classifier:
         return [self.labels[int(p >= self.threshold)] for p in self.predict_proba(texts)]
 
     def classify(self, texts: Sequence[str], *, stop: Callable[[], str | None] | None = None) -> list[dict[str, Any]]:
-        """``[{"label": "spam", "probability": 0.97}, ...]``: both answers in one pass."""
+        """``[{"label": "spam", "spam_probability": 0.97}, ...]``: both answers in one pass."""
         probs = self.predict_proba(texts, stop=stop)
-        return [{"label": self.labels[int(p >= self.threshold)], "probability": float(p)} for p in probs]
+        return [{"label": self.labels[int(p >= self.threshold)], "spam_probability": float(p)} for p in probs]
 
 
 def classify_review(

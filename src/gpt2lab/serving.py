@@ -6,14 +6,14 @@
   ``gpt2lab`` package sources, so the model runs where gpt2lab is not installed;
 - artifacts: the trained classifier folder and its base checkpoint folder (both safetensors
   plus JSON) and, where it is cached, the GPT-2 BPE ranks file, so serving needs no download;
-- a signature (input column ``text`` string; outputs ``label`` string, ``probability`` double),
+- a signature (input column ``text`` string; outputs ``label`` string, ``spam_probability`` double),
   an input example, and pip requirements pinned to the versions installed here.
 
 Served with :func:`gpt2lab.server.serve` (``gpt2lab serve MODEL_URI``: MLflow's own scoring
 app behind a request guard) or ``mlflow models serve -m runs:/<run id>/model --env-manager local``, POST
 ``/invocations`` with ``{"dataframe_records": [{"text": "..."}]}`` or
 ``{"inputs": {"text": ["...", "..."]}}`` answers
-``{"predictions": [{"label": "spam", "probability": 0.97}, ...]}``, in input order. A body that
+``{"predictions": [{"label": "spam", "spam_probability": 0.97}, ...]}``, in input order. A body that
 is not JSON, a missing ``text`` column, a value that is not a string (``dataframe_records`` and
 ``dataframe_split`` keep JSON's types) or text that is not valid Unicode gets HTTP 400 with the
 reason. Messages are read as :class:`gpt2lab.Classifier` reads them (empty -> end-of-text token,
@@ -28,6 +28,7 @@ limits MLflow's app lacks.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 
 MODEL_CODE = Path(__file__).with_name("serving_model.py")
 PACKAGE_DIR = Path(__file__).parent
+# JSON settings over the logged ones where a model is loaded, e.g. '{"precision": "int8"}'.
+SETTINGS_ENV = "GPT2LAB_SERVING_SETTINGS"
 INPUT_EXAMPLE = ["You won $1000! Claim now.", "see you at lunch?"]
 # What `import gpt2lab.inference` needs at serving time (mlflow itself serves the model).
 REQUIREMENTS = ("torch", "numpy", "pandas", "safetensors", "tiktoken", "PyYAML", "requests", "filelock", "tqdm", "mlflow")
@@ -66,7 +69,11 @@ class SpamPyfunc:
     """
 
     def load_context(self, context: Any) -> None:
-        config = context.model_config or {}
+        # The settings logged with the model, then those of a model logged with MLflow's model
+        # config (older gpt2lab), then the environment's (:data:`SETTINGS_ENV`).
+        logged = context.artifacts.get("settings")
+        config = {**(json.loads(Path(logged).read_text()) if logged else {}), **(context.model_config or {}),
+                  **json.loads(os.environ.get(SETTINGS_ENV) or "{}")}  # fmt: skip
         tokenizer = context.artifacts.get("tokenizer")
         if tokenizer:
             _seed_tokenizer_cache(Path(tokenizer))
@@ -80,7 +87,7 @@ class SpamPyfunc:
 
     # model_input has no annotation on purpose: MLflow would try to derive the signature from it.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """A DataFrame with a ``text`` column (or a list of strings) -> DataFrame ``label, probability``."""
+        """A DataFrame with a ``text`` column (or a list of strings) -> DataFrame ``label, spam_probability``."""
         from mlflow.exceptions import MlflowException  # local: importing this module does not import mlflow
         from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
@@ -99,7 +106,7 @@ class SpamPyfunc:
         except StoppedError as err:
             log.warning("%s", err)  # after a 504 nobody else hears of it
             raise MlflowException(str(err), error_code=TEMPORARILY_UNAVAILABLE) from err  # HTTP 503
-        return pd.DataFrame(results, columns=["label", "probability"])
+        return pd.DataFrame(results, columns=["label", "spam_probability"])
 
 
 def _texts(model_input: Any) -> list[Any]:
@@ -126,13 +133,13 @@ def _seed_tokenizer_cache(ranks: Path) -> None:
 
 
 def signature() -> Any:
-    """Input ``text`` (string) -> outputs ``label`` (string) and ``probability`` (double)."""
+    """Input ``text`` (string) -> outputs ``label`` (string) and ``spam_probability`` (double)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     return ModelSignature(
         inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
-        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability")]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "spam_probability")]),
     )
 
 
@@ -170,7 +177,10 @@ def log_model(
     Args:
         classifier_dir: the trained classifier folder (``models/classifier``).
         base_dir: its base checkpoint; default: the path recorded at training time.
-        precision, batch_size, threshold: how the served model classifies (its model config).
+        precision, batch_size, threshold: how the served model classifies. They are stored as an
+            artifact (``settings``), not as MLflow's ``model_config``, which MLflow would also log
+            as run params beside the pipeline's; :data:`SETTINGS_ENV` overrides them where the
+            model is loaded or served.
     """
     import mlflow
 
@@ -183,16 +193,16 @@ def log_model(
     artifacts = {"classifier": str(classifier_dir), "base": str(base_dir)}
     if _ranks_path().is_file():
         artifacts["tokenizer"] = str(_ranks_path())
-    config = {"precision": precision, "batch_size": batch_size, "threshold": threshold}
+    settings = {"precision": precision, "batch_size": batch_size, "threshold": threshold}
     previous_uri = mlflow.get_tracking_uri() if tracking_uri else None
     with tempfile.TemporaryDirectory() as tmp:
         code = _copy_package(Path(tmp))
+        artifacts["settings"] = str(write_atomic(Path(tmp) / "settings.json", json.dumps(settings) + "\n"))
         kwargs = dict(
             name=name,
             python_model=str(MODEL_CODE),
             artifacts=artifacts,
             code_paths=[str(code)],
-            model_config=config,
             signature=signature(),
             input_example=pd.DataFrame({INPUT_COLUMN: INPUT_EXAMPLE}),
             pip_requirements=pip_requirements(),

@@ -3,13 +3,21 @@
 ``params-smoke.yaml`` holds the values the profile sets over ``params.yaml`` (random weights,
 a tiny model, a short training). :func:`smoke_command` turns them into
 ``dvc exp run --temp -S key=value ...``: the experiment runs in a copy of the repository, so
-the workspace's ``params.yaml`` and ``dvc.lock`` stay exactly as committed, and its results
-land in ``dvc exp show`` and, like every run, in MLflow.
+the workspace's ``params.yaml`` and ``dvc.lock`` stay exactly as committed (``make repro``
+still runs the real pipeline), and its results land in ``dvc exp show`` and, like every run,
+in MLflow. When it succeeds, :func:`run_smoke` prints the next steps: commands that use the
+experiment's MLflow model (``runs:/<id>/model``) as they are, from the repository root.
+
+DVC runs through this module (``python -m gpt2lab.smoke exp run ...``): DVC's own command line
+minus one warning. Checking out the experiment's copy, DVC warns once per output that the
+committed ``dvc.lock`` names outputs this clone has never built ("No file hash info found ...
+It won't be created"); the run builds them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,6 +33,10 @@ import yaml
 from gpt2lab.params import Params, ParamsError, flatten, read_yaml
 
 SMOKE_FILE = "params-smoke.yaml"
+RUN_RECORD = "models/mlflow_run.json"  # the track stage's record of its MLflow run
+# Where DVC (dvc-data) warns of outputs a checkout cannot create, and the warning's words.
+CHECKOUT_LOGGERS = ("dvc_data.index.checkout", "dvc_data.hashfile.checkout")
+NOT_BUILT_YET = "No file hash info found"
 TEMP_COPIES = ".dvc/tmp/exps/standalone"  # where `dvc exp run --temp` makes its copy of the repository
 _BARE = re.compile(r"[A-Za-z_][A-Za-z0-9_./:+-]*")  # what Hydra's override grammar reads unquoted
 
@@ -96,8 +108,15 @@ def smoke_command(root: str | Path = ".", extra: Sequence[str] = (), set_params:
     overrides = load_overrides(root / SMOKE_FILE, root / "params.yaml", set_params)
     given = dict(parse_set_param(arg) for arg in set_params)
     profile = {k: v for k, v in overrides.items() if k not in given}  # the user's -S wins
-    return [sys.executable, "-m", "dvc", "exp", "run", "--temp", *set_param_args(profile),
+    return [sys.executable, "-m", __name__, "exp", "run", "--temp", *set_param_args(profile),
             *(a for kv in set_params for a in ("-S", kv)), *extra]  # fmt: skip
+
+
+def experiment_refs(root: str | Path) -> set[str]:
+    """The git refs of the repository's DVC experiments (``refs/exps/<baseline>/<name>``)."""
+    done = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=root,
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    return {ref for ref in done.stdout.split() if len(ref.split("/")) == 5}  # not DVC's own exec/celery refs
 
 
 def stage_env() -> dict[str, str]:
@@ -116,6 +135,7 @@ def run_smoke(root: str | Path = ".", extra: Sequence[str] = (), set_params: Seq
     command again resumes it. The temporary copy DVC leaves behind after an interruption is
     removed.
     """
+    refs = experiment_refs(root)
     cmd = smoke_command(root, extra, set_params)
     print("$ dvc " + " ".join(cmd[3:]), flush=True)
     copies = Path(root) / TEMP_COPIES
@@ -130,7 +150,61 @@ def run_smoke(root: str | Path = ".", extra: Sequence[str] = (), set_params: Seq
         for left in set(copies.iterdir()) - before:
             if not _in_use(left):
                 shutil.rmtree(left, ignore_errors=True)
+    new = sorted(experiment_refs(root) - refs)
+    if code == 0 and new:
+        print("\n" + next_steps(new[0].rsplit("/", 1)[-1], experiment_record(root, new[0])), flush=True)
     return code
+
+
+def experiment_record(root: str | Path, ref: str) -> dict[str, Any] | None:
+    """The track stage's record (MLflow run, model URI) in the experiment at git ``ref``, read through
+    DVC's API (the file is in DVC's cache; the copy the experiment ran in is gone); None if absent."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    try:
+        return json.loads(dvc.api.read(RUN_RECORD, repo=str(root), rev=ref))
+    except (DvcException, OSError, ValueError):
+        return None
+
+
+def next_steps(name: str, record: Mapping[str, Any] | None) -> str:
+    """What to do with a finished smoke experiment: commands that run as printed, from the repository root."""
+    lines = [f"Smoke experiment {name!r} done (random weights: it checks the pipeline, not spam).", "Next:"]
+    if record:
+        model = f"runs:/{record['run_id']}/model"  # the record's models:/m-... is the same model, less readable
+        url = f"http://127.0.0.1:5000/#/experiments/{record['experiment_id']}/runs/{record['run_id']}"
+        lines += [
+            f"  gpt2lab classify --model {model} 'WINNER!! Claim your free prize now' 'see you at lunch?'",
+            f"  gpt2lab generate --model {model} 'Every effort moves you'",
+            f"  gpt2lab serve {model}    # POST http://127.0.0.1:5001/invocations; Ctrl-C stops it",
+            f"  make ui    # the MLflow UI; this run: {url}",
+        ]
+    lines += [
+        "  dvc exp show --only-changed    # compare experiments (dvc exp diff: two of them)",
+        f"  dvc exp apply {name}    # its params and outputs into the workspace (undo: git checkout params.yaml dvc.lock)",
+    ]
+    return "\n".join(lines)
+
+
+class _BuiltByTheRun(logging.Filter):
+    """Drops DVC's "No file hash info found for X. It won't be created." (see the module docstring)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return NOT_BUILT_YET not in str(record.msg)
+
+
+def dvc_main(argv: Sequence[str]) -> int:
+    """DVC's command line (``dvc ARGV``) without the warning :class:`_BuiltByTheRun` drops."""
+    from dvc.cli import main
+
+    for name in CHECKOUT_LOGGERS:
+        logging.getLogger(name).addFilter(_BuiltByTheRun())
+    return main(list(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(dvc_main(sys.argv[1:]))
 
 
 def _in_use(folder: Path) -> bool:

@@ -20,6 +20,7 @@ from typing import NoReturn
 from gpt2lab.errors import Gpt2labError
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+VERBOSE_ENV = "GPT2LAB_VERBOSE"  # 1: stages log INFO detail too
 # What a full disk looks like when a library reports it in its own words (safetensors, torch).
 DISK_FULL_SIGNS = ("No space left on device", "StorageFull", "file write failed", "unexpected pos")
 ADVICE = {
@@ -66,7 +67,28 @@ def run(func: Callable[[], int | None]) -> int:
         return 1
 
 
+def verbose() -> bool:
+    """Whether :data:`VERBOSE_ENV` asks for detail (``gpt2lab -v smoke`` sets it for the stages)."""
+    return os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes")
+
+
 def run_stage(main: Callable[[], int | None]) -> NoReturn:
-    """Entry point of a DVC stage script: INFO logging, user errors as one line, exit code."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    """Entry point of a DVC stage script: user errors as one line, exit code.
+
+    Quiet by default: warnings only (the stage prints its own result line); INFO logging when
+    :data:`VERBOSE_ENV` is set.
+    """
+    logging.basicConfig(level=logging.INFO if verbose() else logging.WARNING, format=LOG_FORMAT)
+    quiet_libraries()
     sys.exit(run(main))
+
+
+def quiet_libraries() -> None:
+    """Leave out the libraries' chatter, in stages and commands alike: urllib3's multi-line retry
+    warnings (a source that fails is reported once, by gpt2lab), MLflow's artifact progress bars
+    (a download of small files) and, unless :data:`VERBOSE_ENV` asks for detail, MLflow's INFO
+    lines (database migrations, input-example checks). The environment can still turn each on."""
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not verbose():
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")

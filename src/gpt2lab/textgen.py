@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from gpt2lab.checkpoint import is_pretrained, load_model
 from gpt2lab.devices import DTYPES
@@ -59,7 +60,7 @@ def load_generator(model_dir: str | Path, precision: str) -> GPT2:
     return model
 
 
-def generate_samples(model_dir: str | Path, params: GenerateParams) -> dict[str, Any]:
+def generate_samples(model_dir: str | Path, params: GenerateParams, *, progress: bool = False) -> dict[str, Any]:
     """Sample a continuation of every prompt in ``params``; the result of the ``generate`` stage.
 
     Each prompt is generated alone from a generator seeded with ``params.seed``, so adding a
@@ -69,9 +70,9 @@ def generate_samples(model_dir: str | Path, params: GenerateParams) -> dict[str,
     model = load_generator(model_dir, params.precision)
     pretrained = is_pretrained(model_dir)
     if not pretrained:
-        log.warning("%s holds random weights: the samples are noise; fetch pretrained weights for real text", model_dir)
+        log.info("%s holds random weights: the samples are noise; fetch pretrained weights for real text", model_dir)
     samples = []
-    for prompt in params.prompts:
+    for prompt in tqdm(params.prompts, desc="generate", unit="prompt", disable=None if progress else True):
         ids = encode(prompt) or [EOT_TOKEN]
         generator = torch.Generator(device=model.wte.weight.device).manual_seed(params.seed)
         t0 = time.perf_counter()

@@ -8,10 +8,14 @@ too: they are read from the workspace, where DVC keeps them. Nothing here re-imp
 change detection, and a stage's work never waits on, or is lost to, the tracking server: if
 logging fails, only ``track`` fails, and the next ``dvc repro`` runs only ``track``.
 
-A run holds every param, the git commit, the DVC experiment name, each metrics file's numbers
-(``<prefix>/<key>``), per-step curves, the metrics and plot files as artifacts, ``params.yaml``
-and the trained classifier as an MLflow model (:mod:`gpt2lab.serving`). This module is the only
-one that imports ``mlflow`` for runs.
+A run holds every param, the git commit, the DVC experiment name, a description (pretrained or
+random base, the DVC experiment, the test F1), the headline numbers as metrics (``test/f1``,
+``validation/accuracy``, ``training/examples_per_s``, ``generation/tokens_per_s``, ...), the
+curves as step series named by what they measure, each pair under one prefix (``loss/train`` and
+``loss/val``, ``accuracy/train`` and ``accuracy/val``; ``step/loss``, ``step/lr``), the data splits
+as datasets (their row counts live there, not among the metrics), the metrics, details and plot
+files as artifacts, ``params.yaml`` and the trained classifier as an MLflow model
+(:mod:`gpt2lab.serving`). This module is the only one that imports ``mlflow`` for runs.
 
 Store: ``MLFLOW_TRACKING_URI`` if set, else ``tracking.uri``, else SQLite ``mlflow.db`` at the
 repository root (``DVC_ROOT``, which DVC points at the original repository also in ``--temp`` and
@@ -31,6 +35,7 @@ import math
 import os
 import socket
 import subprocess
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +65,10 @@ EXP_NAME_TAG = "dvc.exp_name"
 BASELINE_TAG = "dvc.baseline_rev"
 FALLBACK_TAG = "gpt2lab.fallback_from"  # the unreachable server this run should have gone to
 HOST_TAG, PID_TAG = "gpt2lab.host", "gpt2lab.pid"  # who is logging: a run left RUNNING by a dead process is closed
+NOTE_TAG = "mlflow.note.content"  # the run's description on its MLflow page
+# MLflow 3's UI opens an experiment on its runs (not the GenAI traces view) when it is of this kind.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+DATA_CONTEXTS = {"train": "training", "validation": "validation", "test": "testing"}
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
 PARAMS_BATCH = 100  # ... and of params
 
@@ -227,13 +236,18 @@ def curve_rows(file: str | Path) -> list[dict[str, Any]]:
 class PipelineFiles:
     """The outputs one MLflow run records, as paths in the working copy.
 
-    ``metrics``: metric prefix -> JSON file (its numbers become ``<prefix>/<key>``);
-    ``curves``: metric prefix -> TSV of rows with a ``step`` (each column a step series);
-    ``artifacts``: artifact folder -> files or folders to store under it.
+    ``metrics``: metric prefix -> JSON file (its numbers become ``<prefix><key>``, nested keys
+    joined by ``/``); ``scores``: JSON file ``{split: {...}}`` of which ``score_keys`` become
+    ``<split>/<key>`` (the evaluation's, without its counts); ``curves``: TSV of rows with a
+    ``step`` -> {column: metric name} (each a step series); ``datasets``: split name -> CSV
+    (logged as the run's datasets); ``artifacts``: artifact folder -> files or folders to store under it.
     """
 
     metrics: Mapping[str, str]
-    curves: Mapping[str, str]
+    scores: str
+    score_keys: Sequence[str]
+    curves: Mapping[str, Mapping[str, str]]
+    datasets: Mapping[str, str]
     artifacts: Mapping[str, Sequence[str]]
     raw_dir: str
     base_dir: str
@@ -254,24 +268,40 @@ class RunLogger:
             self.client.log_batch(self.run_id, params=items[i : i + PARAMS_BATCH], synchronous=True)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int = 0, prefix: str = "") -> None:
-        """Log the numbers in (nested) ``metrics`` as ``prefix + key``; other values are skipped."""
+        """Log the numbers in (nested) ``metrics`` as ``prefix + key`` (nested keys joined by
+        ``/``, MLflow's grouping); other values are skipped."""
         from mlflow.entities import Metric
 
         now = _now_ms()
-        self._batch([Metric(k, v, now, step) for k, v in numeric(flatten(metrics, prefix)).items()])
+        flat = {k.replace(".", "/"): v for k, v in flatten(metrics, prefix).items()}
+        self._batch([Metric(k, v, now, step) for k, v in numeric(flat).items()])
 
-    def log_curves(self, rows: Sequence[Mapping[str, Any]], *, prefix: str = "", exclude: Sequence[str] = ()) -> int:
-        """Each numeric column of ``rows`` (but ``step`` and ``exclude``) as a step series; returns the points."""
+    def log_curves(self, rows: Sequence[Mapping[str, Any]], names: Mapping[str, str]) -> int:
+        """The columns of ``rows`` named in ``names`` (column -> metric name) as step series; returns the points."""
         from mlflow.entities import Metric
 
         now = _now_ms()
         points = []
         for i, row in enumerate(rows):
             step = int(row.get("step", i))
-            values = numeric({prefix + k: v for k, v in row.items() if k != "step" and k not in exclude})
+            values = numeric({name: row[column] for column, name in names.items() if column in row})
             points.extend(Metric(k, v, now, step) for k, v in values.items())
         self._batch(points)
         return len(points)
+
+    def log_datasets(self, splits: Mapping[str, str | Path]) -> None:
+        """Each split's CSV as an MLflow dataset of this run (name, digest, schema, row count)."""
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = []
+        for split, path in splits.items():
+            df = pd.read_csv(path)
+            source = (repo_root() / path).as_uri()  # where the repository keeps it, not a temporary copy
+            dataset = mlflow.data.from_pandas(df, source=source, name=f"sms-spam-{split}", targets="Label")
+            tags = [InputTag("mlflow.data.context", DATA_CONTEXTS.get(split, split))]
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags))
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Log a file or a folder (recursively) under ``artifact_path``."""
@@ -303,6 +333,14 @@ def _client(store: Store) -> Any:
     import mlflow  # imported here: importing this module stays cheap
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # the migration chatter of a new store
+    db = sqlite_path(store.uri)
+    if db is not None and not db.exists():
+        # Create the database with its artifact root beside it. Left to the client, MLflow creates
+        # it with its "Default" experiment's artifacts in ./mlruns of the working directory: a
+        # temporary copy, for `dvc exp run --temp` and queued experiments.
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        SqlAlchemyStore(store.uri, store.artifact_root)
     return mlflow.MlflowClient(tracking_uri=store.uri)
 
 
@@ -312,7 +350,7 @@ def _experiment_id(client: Any, name: str, store: Store) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=store.artifact_root)
+            return client.create_experiment(name, artifact_location=store.artifact_root, tags={KIND_TAG: KIND})
         except MlflowException:  # created meanwhile by another process
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
@@ -322,6 +360,8 @@ def _experiment_id(client: Any, name: str, store: Store) -> str:
             f"MLflow experiment {name!r} is deleted in {store.uri}; restore it "
             f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) or set tracking.experiment"
         )
+    if KIND_TAG not in experiment.tags:  # made by an older gpt2lab or by hand
+        client.set_experiment_tag(experiment.experiment_id, KIND_TAG, KIND)
     return experiment.experiment_id
 
 
@@ -362,19 +402,64 @@ def _run_tags(workdir: Path, files: PipelineFiles, store: Store) -> dict[str, st
     base = read_config(files.base_dir)
     tags["base.sha256"] = base["sha256"]
     tags["base.pretrained"] = str(bool(base.get("pretrained", False))).lower()
+    tags[NOTE_TAG] = describe_run(base, files)
     return tags
+
+
+def split_scores(files: PipelineFiles) -> dict[str, dict[str, Any]]:
+    """``{split: {key: value}}`` of ``files.scores`` for ``files.score_keys`` ({} without the file)."""
+    scores = Path(files.scores)
+    if not scores.is_file():
+        return {}
+    return {split: {k: values[k] for k in files.score_keys if k in values}
+            for split, values in json.loads(scores.read_text()).items() if isinstance(values, dict)}  # fmt: skip
+
+
+def describe_run(base: Mapping[str, Any], files: PipelineFiles) -> str:
+    """The run's description (Markdown): pretrained or random base, the DVC experiment, the test scores."""
+    model = base.get("model", {})
+    size = f"{model.get('n_layer', '?')} layers, {model.get('n_embd', '?')} wide"
+    if base.get("pretrained", False):
+        lines = [f"Fine-tuned on **pretrained** GPT-2 weights from `{base.get('source', '?')}` ({size})."]
+    else:
+        lines = [f"**Random base weights** ({size}): a smoke run; its scores check the pipeline, not the model."]
+    name, baseline = os.environ.get("DVC_EXP_NAME"), os.environ.get("DVC_EXP_BASELINE_REV")
+    if name:
+        lines.append(f"DVC experiment `{name}` (baseline {baseline[:7] if baseline else 'unknown'}): "
+                     f"`dvc exp show`, `dvc exp apply {name}`.")  # fmt: skip
+    else:
+        lines.append("DVC: `dvc repro` of the workspace.")
+    test = split_scores(files).get("test")
+    if test:
+        lines.append("Test split: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if v is not None) + ".")
+    return "\n\n".join(lines)
+
+
+# MLflow's advice that does not apply here (no value is missing; a file: URI is a local file).
+MLFLOW_HINTS = ("Hint: Inferred schema contains integer column", "The specified dataset source can be interpreted")
 
 
 def _log_everything(run: RunLogger, raw: Mapping[str, Any], files: PipelineFiles, params_file: Path) -> str:
     """Params, metrics, curves, artifacts and the model into ``run``; returns the model URI."""
+    with warnings.catch_warnings():
+        for hint in MLFLOW_HINTS:
+            warnings.filterwarnings("ignore", message=hint, category=UserWarning)
+        return _log_all(run, raw, files, params_file)
+
+
+def _log_all(run: RunLogger, raw: Mapping[str, Any], files: PipelineFiles, params_file: Path) -> str:
     from gpt2lab.serving import log_model
 
     run.log_params(all_params(raw))
     run.log_artifact(params_file)
     for prefix, file in files.metrics.items():
-        run.log_metrics(json.loads(Path(file).read_text()), prefix=f"{prefix}/")
-    for prefix, file in files.curves.items():
-        run.log_curves(curve_rows(file), prefix=prefix, exclude=("epoch", "examples_seen"))
+        run.log_metrics(json.loads(Path(file).read_text()), prefix=prefix)
+    if not Path(files.scores).is_file():
+        raise FileNotFoundError(files.scores)
+    run.log_metrics(split_scores(files))
+    for file, names in files.curves.items():
+        run.log_curves(curve_rows(file), names)
+    run.log_datasets(files.datasets)
     for folder, paths in files.artifacts.items():
         for path in paths:
             run.log_artifact(path, folder)

@@ -255,7 +255,7 @@ def setup(
             raise TrainError(f"{f}: missing; run the prepare_data stage first (dvc repro prepare_data)")
     base_meta = read_config(base_dir)
     if not base_meta.get("pretrained", False):
-        log.warning("training on RANDOM base weights (%s): accuracy is a smoke check only", base_dir)
+        log.info("training on RANDOM base weights (%s): accuracy is a smoke check only", base_dir)
 
     seed_everything(seed)
     lora_cfg = LoRAConfig.from_params(lora) if train.mode == "lora" else None
@@ -293,9 +293,9 @@ def setup(
     if checkpointer is not None and train.resume and (state := checkpointer.load()):
         run.restore(state)
         if run.progress.epoch < train.epochs:
-            log.info("resumed from %s at step %d (epoch %d)", checkpointer.path, run.progress.step, run.progress.epoch + 1)
+            log.warning("resumed from %s at step %d (epoch %d)", checkpointer.path, run.progress.step, run.progress.epoch + 1)
         else:  # stopped after training, e.g. while its results were logged: evaluate and save again
-            log.info("resumed from %s at step %d: training had finished; evaluating and saving",
+            log.warning("resumed from %s at step %d: training had finished; evaluating and saving",
                      checkpointer.path, run.progress.step)  # fmt: skip
     return run
 
@@ -399,7 +399,7 @@ def train_classifier(
         "checkpoint_dir": str | None}``.
     """
     run = setup(base_dir, data_dir, lora, train, seed, checkpoint_dir=checkpoint_dir, callback=callback)
-    bar = tqdm(total=run.total_steps, initial=run.progress.step, disable=not progress, desc=f"train ({train.mode})",
+    bar = tqdm(total=run.total_steps, initial=run.progress.step, disable=None if progress else True, desc=f"train ({train.mode})",
                unit="step")  # fmt: skip
     with bar:
         while run.progress.epoch < train.epochs:
@@ -417,19 +417,29 @@ def _tsv(table: pd.DataFrame) -> str:
     return table.to_csv(sep="\t", index=False, lineterminator="\n", float_format="%.6g")
 
 
+# The DVC metrics of training (final losses on the whole splits, size, speed); the rest of
+# finish()'s metrics (accuracies, timings, settings) go to the details file.
+HEADLINE_METRICS = ("train_loss", "val_loss", "trainable_params", "examples_per_s")
+
+
 def write_outputs(
     result: dict[str, Any],
     metrics_file: str | Path,
+    details_file: str | Path,
     curve_file: str | Path,
     plots_dir: str | Path,
     steps_file: str | Path | None = None,
 ) -> list[Path]:
-    """Write the metrics JSON, the curve TSV (and the per-step TSV), and the plots."""
-    written = [write_atomic(metrics_file, json.dumps(result["metrics"], indent=2, sort_keys=True) + "\n")]
+    """Write the headline metrics (:data:`HEADLINE_METRICS`) and the other metrics (JSON), the
+    curve TSV (and the per-step TSV), and the plots."""
+    metrics = result["metrics"]
+    details = {k: v for k, v in metrics.items() if k not in HEADLINE_METRICS}
+    written = [write_atomic(metrics_file, json.dumps({k: metrics[k] for k in HEADLINE_METRICS}, indent=2) + "\n"),
+               write_atomic(details_file, json.dumps(details, indent=2, sort_keys=True) + "\n")]  # fmt: skip
     table = curve_table(result["history"])
     written.append(write_atomic(curve_file, _tsv(table)))
     if steps_file is not None:
         steps = pd.DataFrame(result["history"]["steps"], columns=STEP_COLUMNS)
         written.append(write_atomic(steps_file, _tsv(steps)))
-    written += save_train_plots(table, plots_dir)
+    written += save_train_plots(table, plots_dir, pretrained=metrics.get("base_pretrained", True))
     return written

@@ -59,14 +59,21 @@ class Repo:
         self.env = env
         self.db = root / "mlflow.db"
 
-    def run(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-        done = subprocess.run(args, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
+    def run(self, *args: str, check: bool = True, timeout: float = 900, **env: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(args, cwd=self.root, env={**self.env, **env}, capture_output=True, text=True,
+                              timeout=timeout)  # fmt: skip
         if check and done.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
         return done
 
-    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return self.run(sys.executable, "-m", "dvc", *args, check=check)
+    def dvc(self, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+        return self.run(sys.executable, "-m", "dvc", *args, check=check, **env)
+
+    def use_this_venv(self) -> None:
+        """Give the clone this interpreter's virtual environment as its ``.venv``, so ``make`` targets
+        run as in a set-up checkout (and never set one up: the Makefile's stamp is newer than pyproject)."""
+        (self.root / ".venv").symlink_to(Path(sys.executable).parent.parent)
+        os.utime(self.root / "pyproject.toml", (0, 0))
 
     def smoke(self, name: str, *args: str) -> str:
         done = self.run(sys.executable, "-m", "gpt2lab.cli", "smoke", "-n", name, *args)

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from tests.e2e.repo import IMPORT_HOOK, Repo, clone, executed
+from tests.helpers import wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("validate_params", "download_data", "prepare_data", "fetch_weights", "generate", "train", "evaluate",
@@ -43,6 +44,44 @@ def _wait_for_queue(repo: Repo, names: tuple[str, ...]) -> dict[str, str]:
         time.sleep(5)
 
 
+def _run_next_steps(repo: Repo, smoke_output: str) -> dict[str, tuple[int, str]]:
+    """Run each command under the smoke run's "Next:" (servers: until they answer, then stopped);
+    returns ``{command: (exit code, output)}``."""
+    import requests
+
+    steps = [line.split("    #")[0].strip() for line in smoke_output.split("\nNext:\n", 1)[1].splitlines()
+             if line.startswith("  ")]  # fmt: skip
+    results: dict[str, tuple[int, str]] = {}
+    for command in steps:
+        if command.startswith(("gpt2lab serve", "make ui")):
+            port = 5001 if command.startswith("gpt2lab serve") else _free_port()
+            env = {**repo.env, "UI_PORT": str(port), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+            log = repo.root.parent / f"{command.split()[1]}.log"
+            with open(log, "wb") as out:
+                server = subprocess.Popen(["bash", "-c", command], cwd=repo.root, env=env, stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            url = f"http://127.0.0.1:{port}"
+            try:
+                if command.startswith("gpt2lab serve"):
+                    wait_until_serving(server, url, log)
+                    reply = requests.post(f"{url}/invocations", timeout=60,
+                                          json={"inputs": {"text": ["WIN a prize now", "see you at 6"]}})  # fmt: skip
+                    code = 0 if reply.ok and len(reply.json()["predictions"]) == 2 else 1
+                else:  # the MLflow UI: the run its URL names is there
+                    wait_until_serving(server, url, log, path="/health")
+                    run_id = re.search(r"/runs/(\w+)", smoke_output).group(1)
+                    reply = requests.get(f"{url}/api/2.0/mlflow/runs/get", params={"run_id": run_id}, timeout=60)
+                    code = 0 if reply.ok else 1
+            finally:
+                os.killpg(server.pid, signal.SIGTERM)
+                server.wait(timeout=60)
+            results[command] = (code, log.read_text())
+        else:
+            done = repo.run("bash", "-c", command, check=False, timeout=600)
+            results[command] = (done.returncode, done.stdout + done.stderr)
+    return results
+
+
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The user's path, once: offline repro, smoke, no-op repro, `-S lora.rank=4`, two queued runs."""
@@ -62,6 +101,11 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict:
     s["smoke"] = repo.smoke("smoke-base")
     s["workspace_unchanged"] = all((repo.root / f).read_bytes() == b for f, b in committed.items())
     s["git_status"] = repo.run("git", "status", "--porcelain").stdout
+    # The new user's next hour: each next step the smoke run printed, as printed; then `make repro`.
+    repo.use_this_venv()
+    s["next_steps"] = _run_next_steps(repo, s["smoke"])
+    s["repro_after_smoke"] = repo.run("make", "repro", check=False)
+    repo.run("git", "checkout", "params.yaml", "dvc.lock")
     s["runs_after_smoke"] = set(repo.runs())
     s["smoke_again"] = repo.smoke("smoke-again")  # the same experiment: DVC restores every stage
     s["runs_after_smoke_again"] = set(repo.runs())
@@ -96,6 +140,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict:
     s["rank4"] = rank4.stdout + rank4.stderr
     # The workspace now holds rank 4 (dvc.lock too); rank 16 again is smoke-base: restored, not trained.
     s["back_to_16"] = repo.smoke("back-to-16", "-S", "lora.rank=16")
+    s["exp_show"] = repo.dvc("exp", "show", "--only-changed", "--no-pager", COLUMNS="120").stdout
 
     # The user keeps that result (commit), then queues variations of it.
     repo.run("git", "add", "-A")
@@ -125,6 +170,43 @@ def test_offline_repro_stops_with_one_clear_line(scenario: dict) -> None:
 
 
 @pytest.mark.slow
+def test_each_next_step_the_smoke_run_prints_works_as_printed(scenario: dict) -> None:
+    steps = scenario["next_steps"]
+    kinds = {" ".join(command.split()[:2]) for command in steps}
+    assert {"gpt2lab classify", "gpt2lab generate", "gpt2lab serve", "make ui", "dvc exp"} <= kinds, steps
+    assert all("runs:/" in c for c in steps if c.startswith("gpt2lab")), steps  # the experiment's MLflow model
+    for command, (code, output) in steps.items():
+        assert code == 0, f"{command}:\n{output[-3000:]}"
+    (classified,) = [out for c, (_, out) in steps.items() if c.startswith("gpt2lab classify")]
+    assert classified.splitlines()[0].split() == ["label", "P(spam)", "message"]
+    (generated,) = [out for c, (_, out) in steps.items() if c.startswith("gpt2lab generate")]
+    assert re.search(r"\d+ tokens in [\d.]+ s \([\d.]+ tokens/s\)", generated)
+
+
+@pytest.mark.slow
+def test_make_repro_after_smoke_runs_the_real_pipeline(scenario: dict) -> None:
+    """After the smoke run (and `dvc exp apply`, undone as printed), `make repro` is the real pipeline:
+    offline, it reaches fetch_weights and stops there with one line."""
+    done = scenario["repro_after_smoke"]
+    assert done.returncode != 0 and "Running stage 'fetch_weights'" in done.stdout, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "make smoke" in errors[0], done.stderr
+
+
+@pytest.mark.slow
+def test_exp_show_fits_120_columns_with_the_rank_and_the_test_f1(scenario: dict) -> None:
+    table = scenario["exp_show"]
+    lines = table.splitlines()
+    assert lines and max(map(len, lines)) <= 120, table
+    header = next(line for line in lines if "Experiment" in line)
+    assert "test.f1" in header.split() and "lora.rank" in header.split(), table
+    column = header.split().index("lora.rank")
+    # Cells after the name: "12:11 PM" fills two (Experiment and Created), then one per column.
+    ranks = {line.split("[")[1].split("]")[0]: line.split("]")[1].split()[column] for line in lines if "[" in line}
+    assert ranks["rank4"] == "4" and ranks["smoke-base"] == "16", table
+
+
+@pytest.mark.slow
 def test_smoke_runs_the_whole_dag_offline_as_an_experiment(scenario: dict) -> None:
     assert executed(scenario["smoke"]) == set(STAGES), scenario["smoke"]
     assert scenario["workspace_unchanged"] and scenario["git_status"] == ""
@@ -133,8 +215,14 @@ def test_smoke_runs_the_whole_dag_offline_as_an_experiment(scenario: dict) -> No
     assert run.data.tags["dvc.exp_name"] == "smoke-base" and len(run.data.tags["mlflow.source.git.commit"]) == 40
     assert run.data.tags["gpt2lab.git_dirty"] == "false" and run.data.tags["base.pretrained"] == "false"
     assert run.data.params["weights.source"] == "random" and run.data.params["model.n_layer"] == "2"
-    assert {"eval/test.accuracy", "train/val_accuracy", "data/train.rows", "generate/tokens_per_s",
-            "train_loss", "val_loss", "step/loss"} <= set(run.data.metrics)  # fmt: skip
+    metrics = set(run.data.metrics)
+    assert {"test/f1", "test/accuracy", "validation/roc_auc", "training/examples_per_s", "generation/tokens_per_s",
+            "loss/train", "loss/val", "accuracy/train", "accuracy/val", "step/loss", "step/lr"} <= metrics  # fmt: skip
+    assert not [m for m in metrics if "rows" in m or m.endswith(("/n", "/tp", "/fn", "/fp", "/tn"))], metrics
+    prefixes = {m.split("/")[0] for m in metrics}
+    assert prefixes == {"test", "validation", "train", "training", "generation", "loss", "accuracy", "step"}, metrics
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"sms-spam-train", "sms-spam-validation",
+                                                                    "sms-spam-test"}  # fmt: skip
     assert run.outputs.model_outputs, "the trained classifier is logged as a model"
 
 
@@ -177,7 +265,7 @@ def test_rank_change_reruns_train_evaluate_and_track_only(scenario: dict) -> Non
     run = scenario["runs"]["rank4"]
     assert run.info.status == "FINISHED" and run.data.params["lora.rank"] == "4"
     # The stages that did not run are in the run too, so it compares with full runs.
-    assert {"generate/tokens_per_s", "data/train.rows", "eval/test.f1"} <= set(run.data.metrics)
+    assert {"generation/tokens_per_s", "training/trainable_params", "test/f1"} <= set(run.data.metrics)
 
 
 @pytest.mark.slow
@@ -196,7 +284,7 @@ def test_queued_experiments_land_in_one_store_as_distinct_runs(scenario: dict) -
     assert q2.info.run_id != q8.info.run_id
     assert (q2.data.params["lora.rank"], q8.data.params["lora.rank"]) == ("2", "8")
     for run in (q2, q8):
-        assert run.info.status == "FINISHED" and "generate/tokens_per_s" in run.data.metrics
+        assert run.info.status == "FINISHED" and "generation/tokens_per_s" in run.data.metrics
         assert run.info.artifact_uri.startswith((scenario["repo"].root / "mlartifacts").as_uri())
     leftovers = list((scenario["repo"].root / ".dvc").rglob("mlflow.db")) + list((scenario["repo"].root / ".dvc").rglob("mlartifacts"))
     assert not leftovers, "a --queue/--temp run wrote a store inside its temporary copy"
@@ -255,9 +343,9 @@ def test_rest_api_shows_the_experiment_run(scenario: dict) -> None:
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
         assert params["lora.rank"] == "4" and params["train.epochs"] == "1"
         eval_json = json.loads((repo.root / "metrics/eval.json").read_text())  # the committed rank-4 result
-        assert metrics["eval/test.accuracy"] == pytest.approx(eval_json["test"]["accuracy"])
+        assert metrics["test/accuracy"] == pytest.approx(eval_json["test"]["accuracy"])
         run_id = run["info"]["run_id"]
-        history = requests.get(f"{api}/metrics/get-history", params={"run_id": run_id, "metric_key": "val_loss"},
+        history = requests.get(f"{api}/metrics/get-history", params={"run_id": run_id, "metric_key": "loss/val"},
                                timeout=30).json()["metrics"]  # fmt: skip
         assert len(history) >= 2 and len({m["step"] for m in history}) == len(history)
 
@@ -268,7 +356,7 @@ def test_rest_api_shows_the_experiment_run(scenario: dict) -> None:
         assert {"metrics", "plots", "params.yaml"} <= listing()
         assert {"metrics/eval.json", "metrics/generate.json", "metrics/train.json"} <= listing("metrics")
         assert "plots/roc.png" in listing("plots")
-        samples = requests.get(f"{url}/get-artifact", params={"run_uuid": run_id, "path": "metrics/generate.json"},
+        samples = requests.get(f"{url}/get-artifact", params={"run_uuid": run_id, "path": "metrics/samples.json"},
                                timeout=30).json()["samples"]  # fmt: skip
         assert samples and samples[0]["prompt"]
         models = requests.post(f"{api}/logged-models/search", timeout=30,

@@ -45,7 +45,7 @@ def test_concurrent_clients_get_the_python_api_answers(tmp_path):
         expected = want[index]
         if [g["label"] for g in got] != [w["label"] for w in expected]:
             return f"labels {[g['label'] for g in got]} != {[w['label'] for w in expected]}"
-        worst = max(abs(g["probability"] - w["probability"]) for g, w in zip(got, expected))
+        worst = max(abs(g["spam_probability"] - w["spam_probability"]) for g, w in zip(got, expected))
         return None if worst <= 1e-5 else f"probability off by {worst:.2e}"
 
     tracking_uri, model_uri = bench.log_classifier(clf_dir, base, tmp_path)
