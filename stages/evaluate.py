@@ -14,7 +14,8 @@ PLOTS = "metrics/plots"
 def main() -> None:
     params = load_params()
     e = params.eval
-    result = evaluate_classifier(CLASSIFIER, DATA, batch_size=e.batch_size, precision=e.precision, threshold=e.threshold)
+    result = evaluate_classifier(CLASSIFIER, DATA, batch_size=e.batch_size, precision=e.precision, threshold=e.threshold,
+                                 device=e.device)  # fmt: skip
     write_outputs(result, METRICS, PREDICTIONS, PLOTS)
     m = result["metrics"]
     scores = ", ".join(f"{s} accuracy {m[s]['accuracy']:.4f} F1 {m[s]['f1']:.4f}" for s in ("train", "test"))

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from gpt2lab.checkpoint import random_checkpoint
 from gpt2lab.cli import main
@@ -184,6 +185,13 @@ CLI_MISTAKES = [
     (["generate", "hi", "--model", "{missing}"], "{missing}: no config.json"),
     (["generate", "hi", "--model", "{clf}"], "{clf}: no config.json"),  # a classifier, not a GPT-2
     (["generate", "hi", "--model", "{corrupt_base}"], "model.safetensors: corrupted or replaced: expected sha256"),
+    (["classify", "hi", "--model", "{clf}", "--device", "gpu"], "--device: invalid value 'gpu'; allowed: auto | cpu"),
+    (["classify", "hi", "--model", "{clf}", "--device", "cpu", "--precision", "fp16"], "--precision: fp16 runs only on CUDA"),
+    (["generate", "hi", "--model", "{base}", "--device", "cpu", "--precision", "fp16"], "--precision: fp16 runs only on CUDA"),
+    *([] if torch.cuda.is_available() else [
+        (["classify", "hi", "--model", "{clf}", "--device", "cuda"], "--device: cuda asked for, but this PyTorch is a CPU-only"),
+        (["generate", "hi", "--model", "{base}", "--device", "cuda:1"], "--device: cuda:1 asked for, but "),
+    ]),  # fmt: skip
     (["convert", "{notes}", "{out}"], "not a GPT-2 checkpoint"),
     (["convert", "{garbage}", "{out}"], "not a readable safetensors file"),
     (["convert", "{clf}/adapter.safetensors", "{out}"], "missing tensor 'wte.weight'"),
@@ -226,6 +234,18 @@ def test_cli_streams_the_prompt_and_continuation(tiny_checkpoint, capsys):
                      "--max-new-tokens", "6", "--temperature", "0"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0 and out.startswith("Every effort moves you") and len(out) > len("Every effort moves you")
+
+
+def test_cli_device_and_precision_flags(tiny_checkpoint, capsys, saved, expected):
+    argv = ["generate", "Every effort moves you", "--model", str(tiny_checkpoint), "--max-new-tokens", "6",
+            "--temperature", "1.0", "--seed", "3"]  # fmt: skip
+    assert main(argv) == 0
+    sampled = capsys.readouterr().out
+    assert main([*argv, "--device", "auto"]) == 0 and capsys.readouterr().out == sampled  # draws on the CPU
+    assert main([*argv, "--device", "cpu", "--precision", "auto"]) == 0
+    code, out, _ = run(capsys, "classify", *MESSAGES, "--model", str(saved[0]), "--json", "--device", "cpu")
+    assert code == 0
+    assert_same(json.loads(out), expected)
 
 
 def test_cli_prompt_lookup_prints_the_same_text(tiny_checkpoint, capsys):

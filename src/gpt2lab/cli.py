@@ -13,11 +13,12 @@ from collections.abc import Callable, Sequence
 
 from gpt2lab import __version__
 from gpt2lab.errors import Gpt2labError
-from gpt2lab.params import MAX_SEED, GenerateParams
+from gpt2lab.params import DEVICES, MAX_SEED, PRECISIONS, GenerateParams
 from gpt2lab.server import MAX_REQUEST_BYTES
 from gpt2lab.stage import run
 
 Command = Callable[[argparse.Namespace], int | None]
+DEVICE_HELP = f"{DEVICES}; auto = CUDA when present (default: %(default)s)"
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -33,7 +34,7 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from gpt2lab.checkpoint import load_model
-    from gpt2lab.devices import DTYPES
+    from gpt2lab.devices import DTYPES, resolve_device, resolve_precision
     from gpt2lab.generate import check_sampling
     from gpt2lab.textgen import stream_text
 
@@ -48,8 +49,10 @@ def _generate(args: argparse.Namespace) -> None:
         if args.threads < 1:
             raise Gpt2labError(f"--threads {args.threads}: expected a positive number of threads")
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, dtype=DTYPES[args.precision])
-    generator = torch.Generator().manual_seed(args.seed)
+    device = resolve_device(args.device, key="--device")
+    precision = resolve_precision(args.precision, device, key="--precision")
+    model = load_model(args.model, dtype=DTYPES[precision], device=device)
+    generator = torch.Generator().manual_seed(args.seed)  # draws on the CPU: the same text on any device
     print(args.prompt, end="", flush=True)
     t0, n = time.perf_counter(), 0
     for n, piece in enumerate(stream_text(model, args.prompt, args.max_new_tokens, stop_at_eos=not args.ignore_eos,
@@ -97,6 +100,7 @@ def _classify(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from gpt2lab.classifier_io import META_FILE, BaseCheckpointMissingError
+    from gpt2lab.devices import resolve_device, resolve_precision
     from gpt2lab.inference import Classifier
 
     texts = list(args.messages) + (_read_messages(args.file) if args.file else [])
@@ -104,9 +108,11 @@ def _classify(args: argparse.Namespace) -> None:
         raise Gpt2labError("nothing to classify: give messages as arguments, or --file FILE with one per line")
     if not (Path(args.model) / META_FILE).is_file():
         raise Gpt2labError(f"no trained classifier at {args.model}; run `make repro` or `make smoke`, or pass --model")
+    device = resolve_device(args.device, key="--device")  # before loading: a wrong device costs nothing
+    precision = resolve_precision(args.precision, device, key="--precision")
     try:
-        clf = Classifier.load(args.model, args.base, batch_size=args.batch_size, precision=args.precision,
-                              threshold=args.threshold)  # fmt: skip
+        clf = Classifier.load(args.model, args.base, batch_size=args.batch_size, precision=precision,
+                              threshold=args.threshold, device=str(device))  # fmt: skip
     except BaseCheckpointMissingError as err:  # its own wording names the Python argument base_dir=
         raise Gpt2labError(err.message("--base DIR")) from err
     results = clf.classify(texts)
@@ -187,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=d.top_k, help="keep the k likeliest; 0 = off (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling, 0 < p <= 1 (default: off)")
     p.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision, help="default: %(default)s")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="weights in this type; fp16 on CUDA only; auto: bf16 where the hardware has it "
+                        "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--device", default=d.device, metavar="DEVICE", help=DEVICE_HELP)
     p.add_argument("--prompt-lookup", type=int, default=d.prompt_lookup, metavar="N",
                    help="guess up to N tokens per forward pass from earlier text; same output, "
                         "faster on repetitive text (default: %(default)s = off)")  # fmt: skip
@@ -210,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, metavar="DIR",
                    help="its base checkpoint folder (default: the one it was trained on)")  # fmt: skip
     p.add_argument("--threshold", type=float, default=0.5, help="spam when probability >= it (default: %(default)s)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="default: %(default)s")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp16 on CUDA only; auto: bf16 where the hardware has it (default: %(default)s)")  # fmt: skip
+    p.add_argument("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)
     p.add_argument("--batch-size", type=int, default=32, help="messages per forward pass (default: %(default)s)")
     p.set_defaults(func=_classify)
 

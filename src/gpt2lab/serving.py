@@ -38,10 +38,13 @@ from typing import Any
 
 import pandas as pd
 
+from gpt2lab.classifier import ClassifierError
 from gpt2lab.classifier_io import META_FILE, read_classifier_meta
+from gpt2lab.devices import DTYPES
 from gpt2lab.errors import Gpt2labError
 from gpt2lab.fileio import write_atomic
 from gpt2lab.inference import Classifier, InvalidTextError, StoppedError
+from gpt2lab.params import DEVICE_PATTERN, DEVICES
 from gpt2lab.server import INPUT_COLUMN, STOPPING, TIMEOUT_ENV
 from gpt2lab.tokenizer import _ranks_path
 
@@ -76,6 +79,9 @@ class SpamPyfunc:
             batch_size=int(config.get("batch_size", 32)),
             precision=str(config.get("precision", "fp32")),
             threshold=float(config.get("threshold", 0.5)),
+            # A GPU when the serving machine has one, unless the model config names a device
+            # (log_model(device=...), or model_config={"device": "cpu"} when loading).
+            device=str(config.get("device", "auto")),
         )
 
     # model_input has no annotation on purpose: MLflow would try to derive the signature from it.
@@ -158,6 +164,7 @@ def log_model(
     precision: str = "fp32",
     batch_size: int = 32,
     threshold: float = 0.5,
+    device: str = "auto",
     run_id: str | None = None,
     tracking_uri: str | None = None,
 ) -> Any:
@@ -171,6 +178,9 @@ def log_model(
         classifier_dir: the trained classifier folder (``models/classifier``).
         base_dir: its base checkpoint; default: the path recorded at training time.
         precision, batch_size, threshold: how the served model classifies (its model config).
+        device: where it runs when served: ``auto`` (a GPU when the serving machine has one),
+            ``cpu``, ``cuda``, ``cuda:N``; also in the model config, so it can be changed at load
+            time (``mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})``).
     """
     import mlflow
 
@@ -179,11 +189,15 @@ def log_model(
         base_dir = read_classifier_meta(classifier_dir)["base"]["path"]
     base_dir = Path(base_dir).resolve()
     # Fail here, with gpt2lab's message, rather than inside MLflow's input-example check.
-    Classifier.load(classifier_dir, base_dir, batch_size=batch_size, precision=precision, threshold=threshold)
+    # The precision and device are resolved where it is served; here only their names are checked.
+    if precision not in ("auto", *DTYPES) or not DEVICE_PATTERN.fullmatch(device):
+        raise ClassifierError(f"precision {precision!r} or device {device!r}: allowed: auto | bf16 | fp16 | fp32 "
+                              f"and {DEVICES}")  # fmt: skip
+    Classifier.load(classifier_dir, base_dir, batch_size=batch_size, threshold=threshold, device="cpu")
     artifacts = {"classifier": str(classifier_dir), "base": str(base_dir)}
     if _ranks_path().is_file():
         artifacts["tokenizer"] = str(_ranks_path())
-    config = {"precision": precision, "batch_size": batch_size, "threshold": threshold}
+    config = {"precision": precision, "batch_size": batch_size, "threshold": threshold, "device": device}
     previous_uri = mlflow.get_tracking_uri() if tracking_uri else None
     with tempfile.TemporaryDirectory() as tmp:
         code = _copy_package(Path(tmp))

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from gpt2lab.checkpoint import is_pretrained, load_model
-from gpt2lab.devices import DTYPES
+from gpt2lab.devices import DTYPES, describe, resolve_device, resolve_precision
 from gpt2lab.generate import generate, stream
 from gpt2lab.model import GPT2
 from gpt2lab.params import GenerateParams
@@ -46,18 +46,21 @@ def stream_text(
 def generate_samples(model_dir: str | Path, params: GenerateParams) -> dict[str, Any]:
     """Sample a continuation of every prompt in ``params``; the result of the ``generate`` stage.
 
-    Each prompt is generated alone from a generator seeded with ``params.seed``, so adding a
-    prompt does not change the others. Returns ``{"samples": [...], "tokens_per_s": ...,
-    "pretrained": ..., ...}``; tokens/s counts new tokens over the whole call (prefill included).
+    Each prompt is generated alone from a CPU generator seeded with ``params.seed``, so adding a
+    prompt does not change the others and the model's device does not change the draws. Returns
+    ``{"samples": [...], "tokens_per_s": ..., "pretrained": ..., ...}``; tokens/s counts new
+    tokens over the whole call (prefill included).
     """
-    model = load_model(model_dir, dtype=DTYPES[params.precision])
+    device = resolve_device(params.device, key="generate.device")
+    precision = resolve_precision(params.precision, device, key="generate.precision")
+    model = load_model(model_dir, dtype=DTYPES[precision], device=device)
     pretrained = is_pretrained(model_dir)
     if not pretrained:
         log.warning("%s holds random weights: the samples are noise; fetch pretrained weights for real text", model_dir)
     samples = []
     for prompt in params.prompts:
         ids = encode(prompt) or [EOT_TOKEN]
-        generator = torch.Generator(device=model.wte.weight.device).manual_seed(params.seed)
+        generator = torch.Generator().manual_seed(params.seed)
         t0 = time.perf_counter()
         (new,) = generate(
             model, [ids], params.max_new_tokens, temperature=params.temperature, top_k=params.top_k,
@@ -79,7 +82,8 @@ def generate_samples(model_dir: str | Path, params: GenerateParams) -> dict[str,
     return {
         "model_dir": str(model_dir),
         "pretrained": pretrained,
-        "precision": params.precision,
+        "precision": precision,
+        "device": describe(device),
         "num_threads": torch.get_num_threads(),
         "new_tokens": total_tokens,
         "tokens_per_s": round(total_tokens / total_s, 2) if total_s > 0 else 0.0,
