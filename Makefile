@@ -24,8 +24,10 @@ test: setup
 repro: setup
 	$(BIN)/dvc repro
 
-# Benchmarks against the peers (transformers, peft), side by side; tables of medians and ratios.
+# Benchmarks against the peers (transformers, peft, CTranslate2, ONNX Runtime), side by side;
+# tables of medians and ratios. The inference engines come from the bench extra.
 bench: setup
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/bucketing.py
 	$(BIN)/python bench/train.py

@@ -1,14 +1,22 @@
-"""Classification throughput on the test split: gpt2lab's ``Classifier`` against transformers.
+"""Classification throughput on the test split: gpt2lab's ``Classifier`` against transformers and
+the inference engines a user might pick instead (CTranslate2, ONNX Runtime).
 
 GPT-2 124M with random weights (speed does not depend on their values) and a 2-class head;
-both models hold identical weights (gpt2lab's checkpoint converted to Hugging Face's layout;
+all models hold identical weights (gpt2lab's checkpoint converted to Hugging Face's layout;
 the head has no bias, as ``GPT2ForSequenceClassification.score``), so the
-table also shows how far apart their probabilities are. Both run in this process, one after
-the other in each repeat, at the same precision (fp32, or bf16 autocast for both).
+table also shows how far apart their probabilities are: the largest difference from gpt2lab
+fp32's and the share of labels (at 0.5) that agree with it. All run in this process, one after
+the other in each repeat: gpt2lab in fp32, bf16 and int8 (int8 weights quantized at load,
+``gpt2lab.quantize``), transformers in fp32 and bf16 autocast, and, when installed
+(``pip install -e .[bench]``, ``bench/peers.py``), CTranslate2 at ``float32`` and ``int8`` (the
+decoder with the head as its output layer) and ONNX Runtime (the transformers model exported
+with ``torch.onnx``) in fp32 and dynamic int8.
 
 - gpt2lab: ``Classifier.load(...).predict_proba(texts)``: messages sorted by length and padded
   per batch, no attention mask (causal attention + the head reads the last real token), no LM
   head; in bf16 the linear weights are stored in bf16 once.
+- CTranslate2 and ONNX Runtime get gpt2lab's batching (sorted by length, padded per batch; ONNX
+  Runtime with an attention mask), tokenization included in the timed region.
 - transformers: ``GPT2ForSequenceClassification`` with ``pad_token_id`` = end-of-text, messages
   in split order, batches tokenized and padded as usually written: ``padding=True`` (to the
   longest message in the batch; ``--hf-padding max_length``: to the longest in the split, as
@@ -18,8 +26,8 @@ the other in each repeat, at the same precision (fp32, or bf16 autocast for both
 Prints messages/s (median and best of ``--repeats`` passes over the split; the two frameworks
 alternate within each repeat, so load from other jobs hits both) and asserts nothing.
 
-    python bench/classify.py                      # fp32 and bf16, 3 repeats
-    python bench/classify.py --precision bf16 --repeats 1
+    python bench/classify.py                      # every precision and engine, 3 repeats
+    python bench/classify.py --precision int8 --repeats 1
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import peers
 import torch
 
 from gpt2lab.checkpoint import random_checkpoint
@@ -39,7 +48,7 @@ from gpt2lab.classifier import build_classifier
 from gpt2lab.classifier_io import save_classifier
 from gpt2lab.convert import TRANSPOSED
 from gpt2lab.dataset import SPLITS, prepare_data, read_split
-from gpt2lab.devices import autocast
+from gpt2lab.devices import DTYPES, autocast
 from gpt2lab.fetch import PYPI_SCHEME, fetch_cached
 from gpt2lab.fileio import cache_dir
 from gpt2lab.inference import Classifier
@@ -115,15 +124,62 @@ def hf_predict_proba(
     return np.concatenate(out)
 
 
+def sorted_batches(texts: list[str], batch_size: int) -> tuple[np.ndarray, list[list[list[int]]]]:
+    """gpt2lab's batching for the engines: (order, batches of token ids), messages sorted by length."""
+    ids = [encode(t)[:1024] or [EOT_TOKEN] for t in texts]
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    return order, [[ids[i] for i in order[s : s + batch_size]] for s in range(0, len(ids), batch_size)]
+
+
+def padded(batch: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded ids (B, T) and attention mask (B, T), int64."""
+    width = max(map(len, batch))
+    ids = np.full((len(batch), width), EOT_TOKEN, dtype=np.int64)
+    mask = np.zeros((len(batch), width), dtype=np.int64)
+    for r, seq in enumerate(batch):
+        ids[r, : len(seq)], mask[r, : len(seq)] = seq, 1
+    return ids, mask
+
+
+def engine_runs(hf: torch.nn.Module, folder: Path, texts: list[str], batch_size: int, threads: int) -> dict:
+    """{(engine, precision): run() -> spam probabilities in input order} for the installed engines."""
+    runs = {}
+
+    def in_order(score) -> np.ndarray:
+        order, batches = sorted_batches(texts, batch_size)
+        probs = np.empty(len(texts))
+        probs[order] = np.concatenate([score(b) for b in batches])
+        return probs
+
+    if note := peers.skip_note("CTranslate2"):
+        print(note)
+    else:
+        hf_folder = peers.save_hf_folder(hf, folder / "hf")
+        ct2 = peers.ct2_convert_classifier(hf, hf_folder, folder / "ct2")
+        for precision, compute_type in (("fp32", "float32"), ("int8", "int8")):
+            clf = peers.CT2Classifier(ct2, compute_type, threads)
+            runs["CTranslate2", precision] = lambda clf=clf: in_order(clf.spam_probability)
+    if note := peers.skip_note("ONNX Runtime"):
+        print(note)
+    else:
+        fp32 = peers.ort_export_classifier(hf, folder)
+        int8 = peers.quantize_int8(fp32, folder / "classifier-int8.onnx")
+        for precision, path in (("fp32", fp32), ("int8", int8)):
+            clf = peers.ORTClassifier(path, threads)
+            runs["ONNX Runtime", precision] = lambda clf=clf: in_order(lambda b: clf.spam_probability(*padded(b)))
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/prepared/test.csv", help="test split CSV (default: prepared here)")
-    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--precision", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the split (median reported)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--hf-padding", choices=["longest", "max_length"], default="longest")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--limit", type=int, default=None, help="only the first N messages (a quick look)")
+    parser.add_argument("--no-engines", action="store_true", help="skip CTranslate2 and ONNX Runtime")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     texts = split_texts(args.data)[: args.limit]
@@ -131,32 +187,45 @@ def main() -> None:
     width = max(lengths) if args.hf_padding == "max_length" else None
     print(f"{len(texts)} test messages, mean {np.mean(lengths):.1f} tokens, longest {max(lengths)}; "
           f"batch {args.batch_size}, {args.threads} threads, median of {args.repeats}")  # fmt: skip
-    header = (f"{'framework':<14} {'precision':<9} {'padding':<26} {'messages/s':>10} {'vs hf':>6} "
-              f"{'best':>8} {'vs hf':>6} {'max |dp|':>9}")  # fmt: skip
-    print(header + "\n" + "-" * len(header))
+    hf_pad = "longest in batch + mask" if width is None else f"max_length {width} + mask"
     with tempfile.TemporaryDirectory() as tmp:
         clf_dir, base = make_classifier(Path(tmp))
         hf = hf_model(Classifier.load(clf_dir, base))
+        runs, padding = {}, {}
         for precision in args.precision:
             ours = Classifier.load(clf_dir, base, batch_size=args.batch_size, precision=precision)
-            run_ours = lambda: ours.predict_proba(texts)  # noqa: E731
-            run_hf = lambda: hf_predict_proba(hf, texts, args.batch_size, precision, width)  # noqa: E731
-            p_ours, p_hf = run_ours(), run_hf()  # warm-up, and the agreement check
-            times: dict[str, list[float]] = {"ours": [], "hf": []}
-            for _ in range(args.repeats):
-                for name, fn in (("hf", run_hf), ("ours", run_ours)):
-                    t0 = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - t0)
-            rate = {k: len(texts) / statistics.median(v) for k, v in times.items()}
-            best = {k: len(texts) / min(v) for k, v in times.items()}
-            diff = float(np.max(np.abs(p_ours - p_hf)))
-            hf_pad = "longest in batch + mask" if width is None else f"max_length {width} + mask"
-            print(f"{'transformers':<14} {precision:<9} {hf_pad:<26} {rate['hf']:>10.1f} {'1.0x':>6} "
-                  f"{best['hf']:>8.1f} {'1.0x':>6} {'':>9}")  # fmt: skip
-            print(f"{'gpt2lab':<14} {precision:<9} {'sorted, per batch':<26} {rate['ours']:>10.1f} "
-                  f"{rate['ours'] / rate['hf']:>5.1f}x {best['ours']:>8.1f} {best['ours'] / best['hf']:>5.1f}x "
-                  f"{diff:>9.2e}")  # fmt: skip
+            runs["gpt2lab", precision] = lambda ours=ours: ours.predict_proba(texts)
+            padding["gpt2lab", precision] = "sorted, per batch"
+            if precision != "int8":  # transformers has no int8 CPU path for GPT-2 (Conv1D, not nn.Linear)
+                runs["transformers", precision] = lambda p=precision: hf_predict_proba(
+                    hf, texts, args.batch_size, p, width)  # fmt: skip
+                padding["transformers", precision] = hf_pad
+        if not args.no_engines:
+            for key, fn in engine_runs(hf, Path(tmp), texts, args.batch_size, args.threads).items():
+                runs[key], padding[key] = fn, "sorted, per batch" + (" + mask" if key[0] == "ONNX Runtime" else "")
+        probs = {key: fn() for key, fn in runs.items()}  # warm-up, and the agreement check
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+        for _ in range(args.repeats):
+            for key, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
+    rate = {k: len(texts) / statistics.median(v) for k, v in times.items()}
+    best = {k: len(texts) / min(v) for k, v in times.items()}
+    reference = probs.get(("gpt2lab", "fp32"))
+    ours_int8 = rate.get(("gpt2lab", "int8"))
+    print("\n| framework | precision | batching | messages/s | best | vs gpt2lab int8 | max abs dp vs gpt2lab fp32 "
+          "| same label as gpt2lab fp32 |")  # fmt: skip
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for key in runs:
+        name, precision = key
+        vs = f"{rate[key] / ours_int8:.2f}x" if ours_int8 else "-"
+        if reference is not None:
+            dp = f"{np.max(np.abs(probs[key] - reference)):.2e}"
+            same = f"{np.mean((probs[key] >= 0.5) == (reference >= 0.5)):.1%}"
+        else:
+            dp = same = "-"
+        print(f"| {name} | {precision} | {padding[key]} | {rate[key]:.1f} | {best[key]:.1f} | {vs} | {dp} | {same} |")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
-"""Greedy decoding speed: gpt2lab's cached ``generate`` against transformers' ``generate``.
+"""Greedy decoding speed: gpt2lab's cached ``generate`` against transformers' ``generate`` and
+the inference engines a user might pick instead (CTranslate2, ONNX Runtime).
 
-Both run GPT-2 124M with the same random weights (no download), batch 1, a prompt of
-``--prompt-tokens`` random ids and exactly ``--new-tokens`` new tokens (no EOS stop), in
-fp32 and in bf16 (weights cast, not autocast). Tokens/s = new tokens / wall time of the
-whole call (prefill included); the table shows the median over ``--repeats`` runs, the
-variants alternating so that background load hits all alike. Timings are printed, never
-asserted.
+All run GPT-2 124M with the same random weights (no download), batch 1, a prompt of
+``--prompt-tokens`` random ids and exactly ``--new-tokens`` new tokens (no EOS stop):
+gpt2lab and transformers in fp32 and bf16 (weights cast, not autocast), gpt2lab in int8
+(``--precision int8``: int8 weights per output channel, see ``gpt2lab.quantize``), and, when
+installed (``pip install -e .[bench]``), CTranslate2 at ``float32`` and ``int8`` and ONNX Runtime
+in fp32 and dynamic int8 on the same weights converted here (``bench/peers.py``). Tokens/s =
+new tokens / wall time of the whole call (prefill included); the tables show the median over
+``--repeats`` runs, every variant running once per repeat in turn so that background load hits
+all alike. Quality: the greedy tokens each variant shares with gpt2lab fp32's before the first
+difference. Timings are printed, never asserted.
 
 Two decodings are timed: plain (one forward pass per token) and prompt lookup with up to
 ``--lookup`` guessed tokens per pass, in both libraries (transformers'
@@ -23,18 +28,23 @@ counts the distinct tokens of each output and gpt2lab's forward passes per run.
 from __future__ import annotations
 
 import argparse
-import itertools
+import copy
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import peers
 import torch
 
 from gpt2lab.convert import HF_IGNORED, HF_TABLE, convert
 from gpt2lab.devices import DTYPES
 from gpt2lab.generate import generate
+from gpt2lab.kernels import few_row_kernels
 from gpt2lab.model import GPT2, PRESETS
+from gpt2lab.quantize import quantize_int8
 
 
 def build_models(seed: int, text: str) -> tuple[GPT2, torch.nn.Module]:
@@ -85,6 +95,57 @@ def timed(fn: Callable[[], list[int]]) -> tuple[float, list[int]]:
     return time.perf_counter() - t0, tokens
 
 
+def same_prefix(out: list[int], reference: list[int]) -> int:
+    """How many tokens ``out`` shares with ``reference`` before the first difference (then they part ways)."""
+    return next((i for i, (a, b) in enumerate(zip(out, reference)) if a != b), min(len(out), len(reference)))
+
+
+@torch.inference_mode()
+def next_tokens(model: GPT2, ids: torch.Tensor, first: int) -> torch.Tensor:
+    """The greedy next token after each position ``first``.. of ``ids`` (1, T), decoded as generation
+    does: the first ``first + 1`` tokens as a prefill, then one cached step per token."""
+    T = ids.shape[1]
+    model.setup_cache(1, T)
+    try:
+        with few_row_kernels(model):
+            out = [model(ids[:, : first + 1], start=0, last_only=True)[0, -1].argmax()]
+            out += [model(ids[:, t : t + 1], start=t, last_only=True)[0, -1].argmax() for t in range(first + 1, T)]
+    finally:
+        model.clear_cache()
+    return torch.stack(out)
+
+
+def top1_agreement(model: GPT2, reference: GPT2, ids: torch.Tensor, first: int) -> float:
+    """Share of positions ``first``.. of ``ids`` (1, T) where ``model`` and ``reference`` pick the same next token.
+
+    Teacher-forced on one text (fp32's greedy output), so a near-tie that flips does not derail
+    the positions after it, as it does in free-running greedy decoding.
+    """
+    return float((next_tokens(model, ids, first) == next_tokens(reference, ids, first)).float().mean())
+
+
+def engines(ours: GPT2, hf: torch.nn.Module, folder: Path, threads: int) -> dict[tuple[str, str], Callable]:
+    """CTranslate2 and ONNX Runtime decoders on ``hf``/``ours``' weights, {(engine, precision): generate(prompt, n)}.
+
+    An engine that is not installed is left out (its note printed).
+    """
+    runs: dict[tuple[str, str], Callable] = {}
+    if note := peers.skip_note("CTranslate2"):
+        print(note)
+    else:
+        ct2 = peers.ct2_convert(peers.save_hf_folder(hf, folder / "hf"), folder / "ct2")
+        for precision, compute_type in (("fp32", "float32"), ("int8", "int8")):
+            runs["CTranslate2", precision] = peers.CT2Generator(ct2, compute_type, threads).generate
+    if note := peers.skip_note("ONNX Runtime"):
+        print(note)
+    else:
+        fp32 = peers.ort_export_decoder(ours, folder)
+        int8 = peers.quantize_int8(fp32, folder / "decoder-int8.onnx")
+        for precision, path in (("fp32", fp32), ("int8", int8)):
+            runs["ONNX Runtime", precision] = peers.ORTGenerator(path, threads, ours.config).generate
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--new-tokens", type=int, default=200)
@@ -95,71 +156,114 @@ def main() -> None:
     parser.add_argument("--lookup", type=int, default=10, help="prompt lookup: guessed tokens per pass; 0 = skip")
     parser.add_argument("--texts", nargs="+", choices=["loop", "varied"], default=["loop", "varied"],
                         help="random weights whose greedy output loops (GPT-2's init) or rarely repeats")
+    parser.add_argument("--no-engines", action="store_true", help="skip CTranslate2 and ONNX Runtime")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     n = args.new_tokens
     vocab_size = PRESETS["gpt2"].vocab_size
     prompt = torch.randint(0, vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
     cpu = platform.processor() or platform.machine()
     print(f"GPT-2 124M, batch 1, {args.prompt_tokens}-token prompt, {n} new tokens, greedy; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}")  # fmt: skip
+          f"torch {torch.__version__}, {threads} threads, {cpu}")  # fmt: skip
     decodings = {"plain": 0} | ({f"prompt lookup {args.lookup}": args.lookup} if args.lookup else {})
 
-    rows, floors = [], {}
-    for text, precision in itertools.product(args.texts, args.precisions):
-        dtype = DTYPES[precision]
-        ours, hf = (model.to(dtype) for model in build_models(args.seed, text))
+    rows, engine_rows, floors, agreement = [], [], {}, {}
+    for text in args.texts:
+        fp32, hf_fp32 = build_models(args.seed, text)
+        ours: dict[str, GPT2] = {}
+        hfs: dict[str, torch.nn.Module] = {}
+        for precision in args.precisions:
+            if precision == "int8":
+                ours[precision] = copy.deepcopy(fp32)
+                quantize_int8(ours[precision], "decode")
+            else:
+                ours[precision] = copy.deepcopy(fp32).to(DTYPES[precision])
+                hfs[precision] = copy.deepcopy(hf_fp32).to(DTYPES[precision])
         passes: list[int] = []
-        ours.register_forward_hook(lambda *_: passes.append(1))
+        for model in ours.values():
+            model.register_forward_hook(lambda *_: passes.append(1))
 
-        def run_ours(lookup: int, k: int = n) -> list[int]:
-            return generate(ours, prompt, k, prompt_lookup=lookup)[0]
+        def run_ours(precision: str, lookup: int, k: int = n) -> list[int]:
+            return generate(ours[precision], prompt, k, prompt_lookup=lookup)[0]
 
-        def run_hf(lookup: int, k: int = n) -> list[int]:
+        def run_hf(precision: str, lookup: int, k: int = n) -> list[int]:
             extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
             with torch.inference_mode():
-                out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=k,
-                                  min_new_tokens=k, pad_token_id=50256, **extra)  # fmt: skip
+                out = hfs[precision].generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                              max_new_tokens=k, min_new_tokens=k, pad_token_id=50256, **extra)  # fmt: skip
             return out[0, prompt.shape[1] :].tolist()
 
-        for lookup in decodings.values():  # warm-up: first-call allocations and kernel selection
-            run_ours(lookup, 8), run_hf(lookup, 8)
-        times: dict[tuple[str, int], list[float]] = {}
-        tokens: dict[tuple[str, int], list[int]] = {}
-        ours_passes: dict[int, int] = {}
-        for _ in range(args.repeats):
+        variants: dict[tuple[str, str, int], Callable[[int], list[int]]] = {}
+        for precision in args.precisions:
             for lookup in decodings.values():
-                for name, fn in (("gpt2lab", run_ours), ("transformers", run_hf)):
+                variants["gpt2lab", precision, lookup] = lambda k, p=precision, lk=lookup: run_ours(p, lk, k)
+                if precision in hfs:
+                    variants["transformers", precision, lookup] = lambda k, p=precision, lk=lookup: run_hf(p, lk, k)
+        with tempfile.TemporaryDirectory() as tmp:
+            if not args.no_engines:
+                for (engine, precision), fn in engines(fp32, hf_fp32, Path(tmp), threads).items():
+                    variants[engine, precision, 0] = lambda k, fn=fn: fn(prompt[0].tolist(), k)
+            for fn in variants.values():  # warm-up: first-call allocations and kernel selection
+                fn(8)
+            times: dict[tuple[str, str, int], list[float]] = {key: [] for key in variants}
+            tokens: dict[tuple[str, str, int], list[int]] = {}
+            ours_passes: dict[tuple[str, int], int] = {}
+            for _ in range(args.repeats):
+                for key, fn in variants.items():
                     passes.clear()
-                    seconds, tokens[name, lookup] = timed(lambda: fn(lookup))
-                    times.setdefault((name, lookup), []).append(seconds)
-                    if name == "gpt2lab":
-                        ours_passes[lookup] = len(passes)
-        if precision not in floors:  # the same for every text: only the dtype counts
-            floors[precision] = weight_read_seconds(ours)
-        hf_plain = n / statistics.median(times["transformers", 0])
-        reference = tokens["transformers", 0]
-        for decoding, lookup in decodings.items():
-            ours_tps = n / statistics.median(times["gpt2lab", lookup])
-            hf_tps = n / statistics.median(times["transformers", lookup])
-            out = tokens["gpt2lab", lookup]
-            # Length of the common prefix: after the first difference the two continuations part ways.
-            same = next((i for i, (a, b) in enumerate(zip(out, reference)) if a != b), n)
-            rows.append((text, precision, decoding, ours_tps, hf_tps, ours_tps / hf_tps, ours_tps / hf_plain,
-                         ours_passes[lookup], f"{same}/{n}", len(set(out))))  # fmt: skip
-        del ours, hf
+                    seconds, tokens[key] = timed(lambda: fn(n))
+                    times[key].append(seconds)
+                    if key[0] == "gpt2lab":
+                        ours_passes[key[1:]] = len(passes)
+        for precision, model in ours.items():
+            if precision not in floors and precision != "int8":  # the same for every text: only the dtype counts
+                floors[precision] = weight_read_seconds(model)
+        tps = {key: n / statistics.median(t) for key, t in times.items()}
+        reference = tokens.get(("gpt2lab", "fp32", 0))
+        for precision in args.precisions:
+            hf_plain = tps.get(("transformers", precision, 0))
+            for decoding, lookup in decodings.items():
+                ours_tps, hf_tps = tps["gpt2lab", precision, lookup], tps.get(("transformers", precision, lookup))
+                out = tokens["gpt2lab", precision, lookup]
+                same = f"{same_prefix(out, tokens.get(('transformers', precision, 0), out))}/{n}" if hf_tps else "-"
+                rows.append((text, precision, decoding, ours_tps, hf_tps, hf_plain, ours_passes[precision, lookup],
+                             same, len(set(out))))  # fmt: skip
+        if reference is not None:
+            ids = torch.cat([prompt, torch.tensor([reference])], dim=1)[:, :-1]  # the text fp32 predicted
+            for precision, model in ours.items():
+                agreement[text, precision] = top1_agreement(model, ours["fp32"], ids, prompt.shape[1] - 1)
+        int8_tps = tps.get(("gpt2lab", "int8", 0))
+        for (name, precision, lookup), rate in tps.items():
+            if lookup == 0:
+                agree = f"{same_prefix(tokens[name, precision, 0], reference)}/{n}" if reference else "-"
+                vs = f"{rate / int8_tps:.2f}x" if int8_tps else "-"
+                engine_rows.append((text, name, precision, rate, vs, agree))
+        del ours, hfs, fp32, hf_fp32
 
     print("\n| text | precision | decoding | gpt2lab tok/s | transformers tok/s | ratio | vs transformers plain "
           "| gpt2lab passes | same greedy tokens | distinct tokens |")  # fmt: skip
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for text, precision, decoding, ours_tps, hf_tps, ratio, vs_plain, n_passes, same, distinct in rows:
-        print(f"| {text} | {precision} | {decoding} | {ours_tps:.1f} | {hf_tps:.1f} | {ratio:.2f}x | {vs_plain:.2f}x "
-              f"| {n_passes} | {same} | {distinct} |")  # fmt: skip
+    for text, precision, decoding, ours_tps, hf_tps, hf_plain, n_passes, same, distinct in rows:
+        hf = f"{hf_tps:.1f} | {ours_tps / hf_tps:.2f}x | {ours_tps / hf_plain:.2f}x" if hf_tps else "- | - | -"
+        print(f"| {text} | {precision} | {decoding} | {ours_tps:.1f} | {hf} | {n_passes} | {same} | {distinct} |")
+    print("\nPlain decoding, every engine (same greedy tokens: before the first difference from gpt2lab fp32's):\n")
+    print("| text | engine | precision | tok/s | vs gpt2lab int8 | same greedy tokens as gpt2lab fp32 |")
+    print("|---|---|---|---:|---:|---:|")
+    for text, name, precision, rate, vs, agree in engine_rows:
+        print(f"| {text} | {name} | {precision} | {rate:.1f} | {vs} | {agree} |")
+    if agreement:
+        print("\nTop-1 agreement with gpt2lab fp32, teacher-forced on fp32's greedy text (every position counts):\n")
+        print("| text | precision | same next token |\n|---|---|---:|")
+        for (text, precision), share in agreement.items():
+            print(f"| {text} | {precision} | {share:.1%} |")
     for precision, seconds in floors.items():
         print(f"\n{precision}: reading the weights once takes {seconds * 1e3:.1f} ms, so no plain decoder of batch 1 "
-              f"passes {1 / seconds:.0f} tok/s here (memory bandwidth); prompt lookup reads them once per guess set.")
+              f"passes {1 / seconds:.0f} tok/s here (memory bandwidth); gpt2lab plain decoding reaches "
+              + ", ".join(f"{r[3] * seconds:.0%} ({r[0]})" for r in rows if r[1] == precision and r[2] == "plain")
+              + " of it; prompt lookup reads them once per guess set.")  # fmt: skip
 
 
 if __name__ == "__main__":

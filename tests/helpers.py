@@ -106,7 +106,8 @@ def log_tiny_classifier(root: Path) -> dict:
     experiment = client.create_experiment("serving-test", artifact_location=(root / "artifacts").as_uri())
     run_id = client.create_run(experiment).info.run_id
     info = log_model(clf_dir, base, run_id=run_id, tracking_uri=uri)
-    return {"root": root, "uri": uri, "run_id": run_id, "info": info, "clf": Classifier.load(clf_dir, base)}
+    return {"root": root, "uri": uri, "run_id": run_id, "info": info, "clf": Classifier.load(clf_dir, base),
+            "dirs": (clf_dir, base)}  # fmt: skip
 
 
 def free_port() -> int:

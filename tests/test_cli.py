@@ -243,6 +243,7 @@ def test_cli_device_and_precision_flags(tiny_checkpoint, capsys, saved, expected
     sampled = capsys.readouterr().out
     assert main([*argv, "--device", "auto"]) == 0 and capsys.readouterr().out == sampled  # draws on the CPU
     assert main([*argv, "--device", "cpu", "--precision", "auto"]) == 0
+    capsys.readouterr()
     code, out, _ = run(capsys, "classify", *MESSAGES, "--model", str(saved[0]), "--json", "--device", "cpu")
     assert code == 0
     assert_same(json.loads(out), expected)
@@ -262,6 +263,29 @@ def test_cli_reports_a_bad_argument_in_one_line(tiny_checkpoint, capsys, flag, v
     code = main(["generate", "hi", "--model", str(tiny_checkpoint), flag, value])
     err = capsys.readouterr().err
     assert code == 1 and name in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_int8_generates_and_classifies_close_to_fp32(tiny_checkpoint, saved, expected, capsys):
+    code = main(["generate", "Every effort moves you", "--model", str(tiny_checkpoint), "--max-new-tokens", "6",
+                 "--temperature", "0", "--precision", "int8"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("Every effort moves you") and len(out) > len("Every effort moves you")
+    code, out, _ = run(capsys, "classify", *MESSAGES, "--model", str(saved[0]), "--json", "--precision", "int8")
+    assert code == 0
+    got = json.loads(out)
+    assert [g["probability"] for g in got] == pytest.approx([w["probability"] for w in expected], abs=0.05)
+
+
+@pytest.mark.parametrize("command", ["generate", "classify"])
+def test_int8_on_a_cpu_without_the_kernels_is_one_error_line(files, command):
+    """ATEN_CPU_CAPABILITY=default makes torch run as on a CPU without AVX2: int8 is refused, not slow or wrong."""
+    model = files["base"] if command == "generate" else files["clf"]
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    done = subprocess.run([sys.executable, "-m", "gpt2lab.cli", command, "hi", "--model", str(model), "--precision",
+                           "int8"], capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert done.returncode == 1 and done.stdout == ""
+    line = one_error_line(done.stderr)
+    assert "precision int8 is not available" in line and "AVX2" in line and "bf16 or fp32" in line
 
 
 def test_cli_convert_and_one_line_errors(hf_tiny, tmp_path):

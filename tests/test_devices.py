@@ -79,3 +79,12 @@ def test_a_failed_allocation_is_recognised():
         pytest.fail("a 4 EiB allocation succeeded")
     assert is_out_of_memory(MemoryError())
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_int8_is_a_cpu_precision():
+    assert resolve_precision("int8", CPU) == "int8"
+    with autocast("int8"):  # int8 weights run without autocast: activations stay fp32
+        assert torch.nn.Linear(8, 8)(torch.randn(2, 8)).dtype == torch.float32
+    with pytest.raises(DeviceError) as err:  # refused before anything asks the (absent) GPU
+        resolve_precision("int8", torch.device("cuda", 0), key="eval.precision")
+    assert str(err.value).startswith("eval.precision: int8 weights run only on a CPU") and "\n" not in str(err.value)

@@ -159,6 +159,14 @@ def test_metrics_and_predictions(project, tmp_path):
                             "plots/confusion_matrix.png", "plots/roc.png", "plots/precision_recall.png"])  # fmt: skip
 
 
+def test_int8_evaluation_is_close_to_fp32(project):
+    args = (project / "models" / "classifier", project / "data" / "prepared")
+    fp32 = evaluate_classifier(*args, batch_size=8, precision="fp32", splits=("test",))
+    int8 = evaluate_classifier(*args, batch_size=8, precision="int8", splits=("test",))
+    assert int8["metrics"]["precision"] == "int8"
+    np.testing.assert_allclose(int8["predictions"].probability, fp32["predictions"].probability, atol=0.05)
+
+
 def test_missing_split_says_which_stage_to_run(project, tmp_path):
     for split in ("train", "validation"):
         shutil.copy(project / "data" / "prepared" / f"{split}.csv", tmp_path)

@@ -15,6 +15,7 @@ from gpt2lab.classifier import ClassifierError
 from gpt2lab.devices import DeviceError, resolve_precision
 from gpt2lab.errors import Gpt2labError
 from gpt2lab.inference import Classifier, InvalidTextError, StoppedError, classify_review
+from gpt2lab.quantize import Int8Linear
 from gpt2lab.tokenizer import EOT_TOKEN, decode, encode
 from tests.helpers import FEW, MESSAGES, SOME, TEXT, make_classifier
 
@@ -133,6 +134,20 @@ def test_bf16_is_close_to_fp32(saved, clf):
     alone = [fast.predict_proba([t])[0] for t in MESSAGES]  # one message per batch, as classify_review
     labels = ["spam" if p >= 0.5 else "not spam" for p in alone]
     assert [classify_review(t, fast.model) for t in MESSAGES] == labels  # a bf16 model runs in bf16
+
+
+def test_int8_is_close_to_fp32(saved, clf):
+    """int8 weights (per output channel) quantized at load: probabilities within the documented
+    0.05 of fp32's (README), the files untouched."""
+    files = {p: p.read_bytes() for folder in saved for p in folder.iterdir()}
+    fast = Classifier.load(saved[0], saved[1], precision="int8")
+    assert isinstance(fast.model.body.h[0].attn.c_attn, Int8Linear) and fast.precision == "int8"
+    probs = fast.predict_proba(MESSAGES)
+    np.testing.assert_allclose(probs, clf.predict_proba(MESSAGES), atol=0.05)
+    assert {p: p.read_bytes() for folder in saved for p in folder.iterdir()} == files
+    alone = [fast.predict_proba([t])[0] for t in MESSAGES]
+    labels = ["spam" if p >= 0.5 else "not spam" for p in alone]
+    assert [classify_review(t, fast.model) for t in MESSAGES] == labels  # an int8 model runs in int8
 
 
 def test_bad_settings_and_missing_folder(saved, tmp_path):

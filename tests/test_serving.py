@@ -93,6 +93,15 @@ def test_the_logged_model_downloads_and_exports_to_transformers(store, tmp_path,
     assert capsys.readouterr().err.startswith("error: runs:/no-such-run/model: cannot download")
 
 
+def test_the_served_model_runs_int8_when_its_config_says_so(store):
+    """The model config's precision (``log_model(precision=...)``, or overridden at load) picks int8 weights."""
+    model = mlflow.pyfunc.load_model(f"runs:/{store['run_id']}/model", model_config={"precision": "int8"})
+    got = model.predict(pd.DataFrame({"text": MESSAGES})).probability.tolist()
+    int8 = Classifier.load(*store["dirs"], precision="int8").predict_proba(MESSAGES)
+    assert got == pytest.approx(int8.tolist(), rel=1e-6, abs=1e-9)
+    assert got == pytest.approx(store["clf"].predict_proba(MESSAGES).tolist(), abs=0.05)  # int8's tolerance
+
+
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_invocations(logged, tmp_path):
     import requests

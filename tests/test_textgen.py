@@ -49,12 +49,13 @@ def test_generate_samples_is_seeded_and_complete(tiny_checkpoint, caplog):
     assert [s["completion"] for s in lookup["samples"]] == [s["completion"] for s in first["samples"]]
 
 
-def test_stage_writes_metrics(tiny_checkpoint, tmp_path):
-    params = {"generate": {"prompts": ["Every effort moves you"], "max_new_tokens": 5, "precision": "bf16"}}
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_stage_writes_metrics(tiny_checkpoint, tmp_path, precision):
+    params = {"generate": {"prompts": ["Every effort moves you"], "max_new_tokens": 5, "precision": precision}}
     (tmp_path / "params.yaml").write_text(json.dumps(params))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     run = subprocess.run([sys.executable, str(ROOT / "stages" / "generate.py")], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 0, run.stderr
     metrics = json.loads((tmp_path / "metrics" / "generate.json").read_text())
-    assert metrics["precision"] == "bf16" and metrics["samples"][0]["new_tokens"] == 5
+    assert metrics["precision"] == precision and metrics["samples"][0]["new_tokens"] == 5

@@ -33,10 +33,9 @@ def _generate(args: argparse.Namespace) -> None:
 
     import torch
 
-    from gpt2lab.checkpoint import load_model
-    from gpt2lab.devices import DTYPES, resolve_device, resolve_precision
+    from gpt2lab.devices import resolve_device, resolve_precision
     from gpt2lab.generate import check_sampling
-    from gpt2lab.textgen import stream_text
+    from gpt2lab.textgen import load_generator, stream_text
 
     check_sampling(args.temperature, args.top_k or None, args.top_p)  # before the slow part: loading the model
     if args.max_new_tokens < 0:
@@ -51,7 +50,7 @@ def _generate(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device, key="--device")
     precision = resolve_precision(args.precision, device, key="--precision")
-    model = load_model(args.model, dtype=DTYPES[precision], device=device)
+    model = load_generator(args.model, precision, device)
     generator = torch.Generator().manual_seed(args.seed)  # draws on the CPU: the same text on any device
     print(args.prompt, end="", flush=True)
     t0, n = time.perf_counter(), 0
@@ -194,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling, 0 < p <= 1 (default: off)")
     p.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="weights in this type; fp16 on CUDA only; auto: bf16 where the hardware has it "
-                        "(default: %(default)s)")  # fmt: skip
+                   help="weights in this type; fp16: CUDA only; int8: int8 weights, CPU only, fastest on x86; "
+                        "auto: bf16 where the hardware has it (default: %(default)s)")  # fmt: skip
     p.add_argument("--device", default=d.device, metavar="DEVICE", help=DEVICE_HELP)
     p.add_argument("--prompt-lookup", type=int, default=d.prompt_lookup, metavar="N",
                    help="guess up to N tokens per forward pass from earlier text; same output, "
@@ -220,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="its base checkpoint folder (default: the one it was trained on)")  # fmt: skip
     p.add_argument("--threshold", type=float, default=0.5, help="spam when probability >= it (default: %(default)s)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp16 on CUDA only; auto: bf16 where the hardware has it (default: %(default)s)")  # fmt: skip
+                   help="bf16: ~2x fp32 on AVX-512 bf16 CPUs; fp16: CUDA only; int8: int8 weights, CPU only; "
+                        "auto: bf16 where the hardware has it (default: %(default)s)")  # fmt: skip
     p.add_argument("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)
     p.add_argument("--batch-size", type=int, default=32, help="messages per forward pass (default: %(default)s)")
     p.set_defaults(func=_classify)

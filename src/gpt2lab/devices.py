@@ -3,11 +3,12 @@ the dtypes behind the precision names and the autocast context for each.
 
 ``device`` names: ``auto`` (CUDA when a CUDA device is present, else the CPU), ``cpu``, ``cuda``
 (the process's GPU: ``cuda:<local rank>`` under ``torchrun``) and ``cuda:N``. ``precision``
-names: ``auto``, ``bf16``, ``fp16``, ``fp32``. ``auto`` follows the device: bf16 where the
-hardware has it (CPUs with AVX-512 bf16 or AMX; GPUs of compute capability 8.0 and up), fp16 with
-gradient scaling on older GPUs, fp32 on other CPUs. A choice the hardware cannot run is refused
-with one line naming the key (:class:`DeviceError`); fp16 is never run on a CPU (about 200x
-slower than fp32 there).
+names: ``auto``, ``bf16``, ``fp16``, ``fp32`` and, for inference, ``int8``. ``auto`` follows
+the device: bf16 where the hardware has it (CPUs with AVX-512 bf16 or AMX; GPUs of compute
+capability 8.0 and up), fp16 with gradient scaling on older GPUs, fp32 on other CPUs. A choice
+the hardware cannot run is refused with one line naming the key (:class:`DeviceError`); fp16 is
+never run on a CPU (about 200x slower than fp32 there), int8 (CPU kernels, :mod:`gpt2lab.quantize`)
+never on a GPU.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from gpt2lab.params import DEVICE_PATTERN
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The dtype a model is loaded in. int8 loads fp32 and then quantizes the linear weights
+# (gpt2lab.quantize); activations, norms, embeddings and the KV cache stay fp32.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
 
 
 class DeviceError(Gpt2labError, ValueError):
@@ -75,15 +78,17 @@ def resolve_precision(precision: str, device: torch.device, *, key: str = "preci
     """``precision`` as run on ``device``: ``auto`` resolved; one the hardware cannot run is refused.
 
     ``auto``: bf16 when ``device`` has it natively, else fp16 on a GPU, else fp32. ``fp16`` on a
-    CPU and ``bf16`` on a GPU without bf16 raise :class:`DeviceError` naming ``key``; ``bf16``
-    on a CPU without native bf16 runs (emulated, correct, slower), with a warning.
+    CPU, ``int8`` on a GPU and ``bf16`` on a GPU without bf16 raise :class:`DeviceError` naming
+    ``key``; ``bf16`` on a CPU without native bf16 runs (emulated, correct, slower), with a warning.
     """
     if precision not in ("auto", *DTYPES):
-        raise DeviceError(f"{key}: invalid value {precision!r}; allowed: auto | bf16 | fp16 | fp32")
+        raise DeviceError(f"{key}: invalid value {precision!r}; allowed: auto | {' | '.join(DTYPES)}")
     if precision == "auto":
         return "bf16" if native_bf16(device) else ("fp16" if device.type == "cuda" else "fp32")
     if precision == "fp16" and device.type == "cpu":
         raise DeviceError(f"{key}: fp16 runs only on CUDA (on a CPU it is ~200x slower than fp32); use auto, bf16 or fp32")
+    if precision == "int8" and device.type == "cuda":
+        raise DeviceError(f"{key}: int8 weights run only on a CPU (oneDNN kernels); use device cpu, or auto, bf16 or fp16")
     if precision == "bf16" and not native_bf16(device):
         if device.type == "cuda":
             major, minor = torch.cuda.get_device_capability(device)
@@ -96,7 +101,7 @@ def resolve_precision(precision: str, device: torch.device, *, key: str = "preci
 
 
 def autocast(precision: str, device: torch.device | str = "cpu") -> torch.autocast:
-    """Autocast to bf16 or fp16 on ``device``'s type for those precisions; a no-op context for ``fp32``.
+    """Autocast to bf16 or fp16 on ``device``'s type for those precisions; a no-op context for ``fp32`` and ``int8``.
 
     ``precision`` is a resolved one (see :func:`resolve_precision`), never ``auto``.
     """

@@ -22,6 +22,7 @@ from gpt2lab.classifier import ClassifierError, SpamClassifier, cast_frozen_line
 from gpt2lab.classifier_io import load_classifier, read_classifier_meta
 from gpt2lab.dataset import CLASS_NAMES
 from gpt2lab.devices import DTYPES, autocast, resolve_device, resolve_precision
+from gpt2lab.quantize import Int8Linear, check_int8, quantize_int8
 
 TEXT_COLUMN = "text"  # a DataFrame's column of messages (also the served model's input column)
 
@@ -130,7 +131,7 @@ class Classifier:
         if len(labels) != 2 or model.head.out_features != 2:
             raise ClassifierError(f"expected a 2-class (ham, spam) classifier, got labels {list(labels)}")
         if precision not in DTYPES:
-            raise ClassifierError(f"precision: {precision!r} is not one of {', '.join(DTYPES)} (resolve auto first)")
+            raise ClassifierError(f"precision: {precision!r} is not one of {' | '.join(DTYPES)} (resolve auto first)")
         if not 0.0 <= threshold <= 1.0:
             raise ClassifierError(f"threshold: {threshold} is not between 0 and 1")
         if batch_size < 1:
@@ -158,8 +159,11 @@ class Classifier:
             batch_size: messages per forward pass.
             precision: ``fp32``; ``bf16`` (about 2x faster on CPUs with AVX-512 bf16; the
                 transformer's linear weights are then stored in bf16 on a CPU, as autocast would
-                cast them); ``fp16`` (GPUs only); ``auto`` (bf16 where the hardware has it, fp16
-                on older GPUs, else fp32).
+                cast them); ``fp16`` (GPUs only); ``int8`` (CPU only: the transformer's linear
+                weights quantized to int8 at load, per output channel, for batches of many rows:
+                :mod:`gpt2lab.quantize`; the files stay fp32; raises
+                :class:`~gpt2lab.quantize.Int8UnsupportedError` on a CPU without the kernels);
+                ``auto`` (bf16 where the hardware has it, fp16 on older GPUs, else fp32).
             threshold: a message is ``spam`` when its spam probability is >= threshold.
             device: ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``. A
                 device or precision this machine cannot run raises a one-line
@@ -167,9 +171,13 @@ class Classifier:
         """
         target = resolve_device(device, key="device")
         precision = resolve_precision(precision, target, key="precision")
+        if precision == "int8":
+            check_int8()  # before the slow part
         model = load_classifier(path, base_dir)
         if precision == "bf16" and target.type == "cpu":  # on a GPU autocast casts as it goes
             cast_frozen_linears(model, torch.bfloat16)
+        elif precision == "int8":
+            quantize_int8(model.body.h, "batch")  # the blocks only: the classifier never runs lm_head
         labels = read_classifier_meta(path)["labels"]
         return cls(model.to(target), labels=labels, batch_size=batch_size, precision=precision, threshold=threshold)
 
@@ -217,7 +225,8 @@ def classify_review(
         clf = model
     else:  # a bare model: run it at the precision its weights are stored in (bf16: cast on a CPU)
         bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
-        clf = Classifier(model, precision="bf16" if bf16 else "fp32")
+        int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+        clf = Classifier(model, precision="int8" if int8 else "bf16" if bf16 else "fp32")
     if max_length is not None and max_length < clf.max_length:
         # A shallow copy shares every weight; only its truncation length differs.
         view = copy.copy(clf.model)

@@ -25,7 +25,9 @@ T = TypeVar("T")
 
 WEIGHT_SOURCES = ("openai", "hf", "local", "random")
 TRAIN_MODES = ("lora", "last_block", "full")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # auto: what the device runs best (see gpt2lab.devices)
+# auto: what the device runs best (see gpt2lab.devices); int8: inference only (weights, CPU: gpt2lab.quantize)
+PRECISIONS = ("auto", "bf16", "fp16", "fp32", "int8")
+TRAIN_PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 DEVICES = "auto | cpu | cuda | cuda:N"
 SCHEDULES = ("constant", "linear", "cosine")
@@ -67,14 +69,21 @@ def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
         raise ParamsError(f"{key}: invalid value {value!r}; allowed: {allowed}")
 
 
-def _require_device(section: str, device: str, precision: str) -> None:
-    """``device`` is a device name, and ``precision`` one it can run (fp16 runs only on CUDA)."""
+def _require_device(section: str, device: str, precision: str, precisions: tuple[str, ...] = PRECISIONS) -> None:
+    """``device`` is a device name, and ``precision`` one of ``precisions`` it can run (fp16 runs
+    only on CUDA, int8 only on a CPU)."""
     _require(DEVICE_PATTERN.fullmatch(device) is not None, f"{section}.device", DEVICES, device)
-    _require(precision in PRECISIONS, f"{section}.precision", " | ".join(PRECISIONS), precision)
+    _require(precision in precisions, f"{section}.precision", " | ".join(precisions), precision)
     _require(
         not (precision == "fp16" and device == "cpu"),
         f"{section}.precision",
-        "auto | bf16 | fp32 with device cpu (fp16 runs only on CUDA)",
+        f"{' | '.join(p for p in precisions if p != 'fp16')} with device cpu (fp16 runs only on CUDA)",
+        precision,
+    )
+    _require(
+        not (precision == "int8" and device.startswith("cuda")),
+        f"{section}.precision",
+        "auto | bf16 | fp16 | fp32 with a CUDA device (int8 weights run only on a CPU)",
         precision,
     )
 
@@ -227,7 +236,7 @@ class TrainParams:
         )
         _require(self.eval_freq > 0, f"{section}.eval_freq", "an integer > 0", self.eval_freq)
         _require(self.eval_iter > 0, f"{section}.eval_iter", "an integer > 0", self.eval_iter)
-        _require_device(section, self.device, self.precision)
+        _require_device(section, self.device, self.precision, TRAIN_PRECISIONS)
         _require(self.grad_accum_steps > 0, f"{section}.grad_accum_steps", "an integer > 0", self.grad_accum_steps)
         _require(self.nproc_per_node > 0, f"{section}.nproc_per_node", "an integer > 0", self.nproc_per_node)
         _require(

@@ -16,6 +16,7 @@ from gpt2lab.devices import DTYPES, describe, resolve_device, resolve_precision
 from gpt2lab.generate import generate, stream
 from gpt2lab.model import GPT2
 from gpt2lab.params import GenerateParams
+from gpt2lab.quantize import check_int8, quantize_int8
 from gpt2lab.tokenizer import EOT_TOKEN, decode, encode, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,22 @@ def stream_text(
         yield tail
 
 
+def load_generator(model_dir: str | Path, precision: str, device: torch.device | str = "cpu") -> GPT2:
+    """The language model of ``model_dir`` on ``device``, ready to generate at ``precision``
+    (``fp32``, ``bf16``, ``fp16``, ``int8``: resolved, see :func:`gpt2lab.devices.resolve_precision`).
+
+    ``int8`` (CPU only) quantizes every linear weight, the LM head included, for decoding (a few rows per
+    call; :mod:`gpt2lab.quantize`); the checkpoint on disk stays fp32. On a CPU without the
+    int8 kernels it raises :class:`~gpt2lab.quantize.Int8UnsupportedError` before loading.
+    """
+    if precision == "int8":
+        check_int8()
+    model = load_model(model_dir, dtype=DTYPES[precision], device=device)
+    if precision == "int8":
+        quantize_int8(model, "decode")
+    return model
+
+
 def generate_samples(model_dir: str | Path, params: GenerateParams) -> dict[str, Any]:
     """Sample a continuation of every prompt in ``params``; the result of the ``generate`` stage.
 
@@ -53,7 +70,7 @@ def generate_samples(model_dir: str | Path, params: GenerateParams) -> dict[str,
     """
     device = resolve_device(params.device, key="generate.device")
     precision = resolve_precision(params.precision, device, key="generate.precision")
-    model = load_model(model_dir, dtype=DTYPES[precision], device=device)
+    model = load_generator(model_dir, precision, device)
     pretrained = is_pretrained(model_dir)
     if not pretrained:
         log.warning("%s holds random weights: the samples are noise; fetch pretrained weights for real text", model_dir)

@@ -12,7 +12,7 @@ from tests.project.imports import PKG, ROOT, imported_modules, module_file, shor
 # The table of src/gpt2lab/README.md.
 LAYERS = {
     0: ("errors", "fileio", "presets", "params", "stage"),
-    1: ("model", "kernels", "lora", "generate", "devices"),
+    1: ("model", "kernels", "quantize", "lora", "generate", "devices"),
     2: ("fetch", "checkpoint", "convert", "weights", "tokenizer", "dataset", "batching"),
     3: ("classifier", "classifier_io", "inference", "resume", "distributed", "train", "evaluate", "plots", "textgen"),
     4: ("tracking", "serving", "serving_model", "server", "smoke", "export", "cli"),
