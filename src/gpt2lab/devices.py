@@ -86,9 +86,13 @@ def resolve_precision(precision: str, device: torch.device, *, key: str = "preci
     if precision == "auto":
         return "bf16" if native_bf16(device) else ("fp16" if device.type == "cuda" else "fp32")
     if precision == "fp16" and device.type == "cpu":
-        raise DeviceError(f"{key}: fp16 runs only on CUDA (on a CPU it is ~200x slower than fp32); use auto, bf16 or fp32")
+        raise DeviceError(
+            f"{key}: fp16 runs only on CUDA (on a CPU it is ~200x slower than fp32); use auto, bf16 or fp32"
+        )
     if precision == "int8" and device.type == "cuda":
-        raise DeviceError(f"{key}: int8 weights run only on a CPU (oneDNN kernels); use device cpu, or auto, bf16 or fp16")
+        raise DeviceError(
+            f"{key}: int8 weights run only on a CPU (oneDNN kernels); use device cpu, or auto, bf16 or fp16"
+        )
     if precision == "bf16" and not native_bf16(device):
         if device.type == "cuda":
             major, minor = torch.cuda.get_device_capability(device)

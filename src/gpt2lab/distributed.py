@@ -77,6 +77,9 @@ class World:
                    int(env.get("LOCAL_WORLD_SIZE", 1)))  # fmt: skip
 
 
+ONE_PROCESS = World()  # a run that is not distributed
+
+
 def needs_launch(nproc_per_node: int) -> bool:
     """Whether a script asked for ``nproc_per_node`` processes must start them: more than one, and
     not already running under a launcher (``torchrun`` started it, or :func:`launch` did)."""
@@ -151,7 +154,9 @@ def failure_line(failures: dict[int, Any], world_size: int) -> str:
 
 
 @contextlib.contextmanager
-def process_group(device: str, *, key: str = "train.device", timeout_s: float = COLLECTIVE_TIMEOUT_S) -> Iterator[World]:
+def process_group(
+    device: str, *, key: str = "train.device", timeout_s: float = COLLECTIVE_TIMEOUT_S
+) -> Iterator[World]:
     """Join the run's process group when this process is one rank of several; yield its :class:`World`.
 
     gloo on CPU, NCCL on CUDA (each rank on ``cuda:<local rank>``). Outside a launcher this yields
@@ -229,4 +234,3 @@ def all_gather(obj: Any, world: World) -> list[Any]:
     out: list[Any] = [None] * world.world_size
     dist.all_gather_object(out, obj)
     return out
-

@@ -57,7 +57,7 @@ from gpt2lab.checkpoint import read_config
 from gpt2lab.classifier import SpamClassifier, build_classifier, cast_frozen_linears
 from gpt2lab.classifier_io import save_classifier
 from gpt2lab.devices import autocast, describe, grad_scaler, is_out_of_memory, resolve_device, resolve_precision
-from gpt2lab.distributed import World, all_gather, all_reduce_sum, broadcast, gather, is_peer_lost
+from gpt2lab.distributed import ONE_PROCESS, World, all_gather, all_reduce_sum, broadcast, gather, is_peer_lost
 from gpt2lab.errors import Gpt2labError
 from gpt2lab.fileio import write_atomic
 from gpt2lab.lora import LoRAConfig
@@ -148,7 +148,7 @@ def train_step(
     *,
     precision: str,
     grad_clip: float | None,
-    world: World = World(),
+    world: World = ONE_PROCESS,
     scaler: torch.amp.GradScaler | None = None,
 ) -> float:
     """One optimizer step on a global batch; returns the batch's mean loss. The bench times exactly this.
@@ -246,7 +246,7 @@ class Run:
     threads: int
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"  # train.precision as run on the device (never auto)
-    world: World = World()
+    world: World = ONE_PROCESS
     ddp: DistributedDataParallel | None = None  # the model wrapped, when there are several ranks
     scaler: torch.amp.GradScaler | None = None  # fp16 on CUDA
     progress: Progress = field(default_factory=Progress)
@@ -325,7 +325,7 @@ def setup(
     *,
     checkpoint_dir: str | Path | None = None,
     callback: Callback | None = None,
-    world: World = World(),
+    world: World = ONE_PROCESS,
 ) -> Run:
     """Load base and data, build the model for ``train.mode`` on ``train.device``, and resume when a
     checkpoint belongs here. ``world``: this process's place among the ranks (see :mod:`gpt2lab.distributed`)."""
@@ -515,7 +515,7 @@ def train_classifier(
     checkpoint_dir: str | Path | None = None,
     progress: bool = False,
     callback: Callback | None = None,
-    world: World = World(),
+    world: World = ONE_PROCESS,
 ) -> dict[str, Any] | None:
     """Fine-tune the classifier on ``data_dir/{train,validation}.csv`` and save it to ``out_dir``.
 
