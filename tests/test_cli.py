@@ -192,6 +192,7 @@ CLI_MISTAKES = [
         (["classify", "hi", "--model", "{clf}", "--device", "cuda"], "--device: cuda asked for, but this PyTorch is a CPU-only"),
         (["generate", "hi", "--model", "{base}", "--device", "cuda:1"], "--device: cuda:1 asked for, but "),
     ]),  # fmt: skip
+    (["serve", "runs:/x/model", "--device", "gpu"], "--device: invalid value 'gpu'; allowed: auto | cpu"),
     (["convert", "{notes}", "{out}"], "not a GPT-2 checkpoint"),
     (["convert", "{garbage}", "{out}"], "not a readable safetensors file"),
     (["convert", "{clf}/adapter.safetensors", "{out}"], "missing tensor 'wte.weight'"),
@@ -247,6 +248,17 @@ def test_cli_device_and_precision_flags(tiny_checkpoint, capsys, saved, expected
     code, out, _ = run(capsys, "classify", *MESSAGES, "--model", str(saved[0]), "--json", "--device", "cpu")
     assert code == 0
     assert_same(json.loads(out), expected)
+
+
+def test_cli_serve_overrides_only_the_config_keys_given(monkeypatch):
+    import gpt2lab.server
+
+    calls = []
+    monkeypatch.setattr(gpt2lab.server, "serve", lambda *a, **kw: calls.append(kw["model_config"]))
+    assert main(["serve", "runs:/x/model"]) == 0  # the model's own config: a GPU when there is one
+    assert main(["serve", "runs:/x/model", "--device", "cpu"]) == 0
+    assert main(["serve", "runs:/x/model", "--precision", "int8", "--device", "cpu"]) == 0
+    assert calls == [None, {"device": "cpu"}, {"precision": "int8", "device": "cpu"}]
 
 
 def test_cli_prompt_lookup_prints_the_same_text(tiny_checkpoint, capsys):

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from gpt2lab import __version__
 from gpt2lab.errors import Gpt2labError
-from gpt2lab.params import DEVICES, MAX_SEED, PRECISIONS, GenerateParams
+from gpt2lab.params import DEVICE_PATTERN, DEVICES, MAX_SEED, PRECISIONS, GenerateParams
 from gpt2lab.server import MAX_REQUEST_BYTES
 from gpt2lab.stage import run
 
@@ -68,7 +68,12 @@ def _serve(args: argparse.Namespace) -> None:
 
     if args.max_request_mb <= 0 or args.timeout <= 0:
         raise Gpt2labError("--max-request-mb and --timeout must be positive")
-    serve(args.model, args.host, args.port, max_request_bytes=int(args.max_request_mb * 2**20), timeout_s=args.timeout)
+    if args.device is not None and not DEVICE_PATTERN.fullmatch(args.device):
+        raise Gpt2labError(f"--device: invalid value {args.device!r}; allowed: {DEVICES}")
+    # Only what is given overrides the model's own config (by default: fp32, a GPU when there is one).
+    config = {k: v for k, v in (("precision", args.precision), ("device", args.device)) if v is not None}
+    serve(args.model, args.host, args.port, max_request_bytes=int(args.max_request_mb * 2**20), timeout_s=args.timeout,
+          model_config=config or None)  # fmt: skip
 
 
 def _smoke(args: argparse.Namespace) -> int:
@@ -233,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="larger requests are answered 413 unread (default: %(default)s)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds of work per request; then 504 and the work stops (default: %(default)s)")  # fmt: skip
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="how the model classifies (default: its model config's, fp32 unless logged otherwise)")  # fmt: skip
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help=f"{DEVICES} (default: its model config's: auto = CUDA when present)")  # fmt: skip
     p.set_defaults(func=_serve)
 
     source_help = "classifier folder, or an MLflow model URI such as runs:/<run id>/model"

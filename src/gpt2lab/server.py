@@ -122,8 +122,12 @@ def serve(
     *,
     max_request_bytes: int = MAX_REQUEST_BYTES,
     timeout_s: float = 60.0,
+    model_config: dict[str, Any] | None = None,
 ) -> None:
     """Serve the MLflow model at ``model_uri`` (``runs:/...``, ``models:/...`` or a folder) until stopped.
+
+    ``model_config`` overrides keys of the model's own config (gpt2lab's: ``precision``,
+    ``device``, ``batch_size``, ``threshold``).
 
     MLflow's scoring app (``/invocations``, ``/ping``, ``/health``, ``/version``) behind
     :class:`RequestGuard`; a request's work stops after ``timeout_s`` (the app answers 504 then).
@@ -135,7 +139,7 @@ def serve(
     from mlflow.pyfunc import scoring_server
 
     os.environ[TIMEOUT_ENV] = str(int(timeout_s))  # read by MLflow's app (504) and by predict's deadline
-    model = mlflow.pyfunc.load_model(model_uri)
+    model = mlflow.pyfunc.load_model(model_uri, model_config=model_config)
     app = RequestGuard(scoring_server.init(model), max_request_bytes)
 
     class Server(uvicorn.Server):
