@@ -191,8 +191,8 @@ def log_model(
     # Fail here, with gpt2lab's message, rather than inside MLflow's input-example check.
     # The precision and device are resolved where it is served; here only their names are checked.
     if precision not in ("auto", *DTYPES) or not DEVICE_PATTERN.fullmatch(device):
-        raise ClassifierError(f"precision {precision!r} or device {device!r}: allowed: auto | bf16 | fp16 | fp32 "
-                              f"and {DEVICES}")  # fmt: skip
+        allowed = " | ".join(("auto", *DTYPES))
+        raise ClassifierError(f"precision {precision!r} or device {device!r}: allowed: {allowed} and {DEVICES}")
     Classifier.load(classifier_dir, base_dir, batch_size=batch_size, threshold=threshold, device="cpu")
     artifacts = {"classifier": str(classifier_dir), "base": str(base_dir)}
     if _ranks_path().is_file():
