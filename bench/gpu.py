@@ -223,7 +223,7 @@ def classification(clf_dir: Path, base: Path, data: Path, device: torch.device, 
     def hf_proba() -> np.ndarray:
         out = []
         for s in range(0, len(texts), args.batch_size):
-            ids = [encode(t)[: cfg.n_ctx] or [EOT_TOKEN] for t in texts[s : s + args.batch_size]]
+            ids = [encode(t)[: ours.max_length] or [EOT_TOKEN] for t in texts[s : s + args.batch_size]]
             width = max(map(len, ids))
             input_ids = torch.full((len(ids), width), EOT_TOKEN)
             mask = torch.zeros((len(ids), width), dtype=torch.long)
