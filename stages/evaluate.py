@@ -16,7 +16,8 @@ PLOTS = "metrics/plots"
 def main() -> None:
     params = load_params()
     e = params.eval
-    result = evaluate_classifier(CLASSIFIER, DATA, batch_size=e.batch_size, precision=e.precision, threshold=e.threshold, progress=True)
+    result = evaluate_classifier(CLASSIFIER, DATA, batch_size=e.batch_size, precision=e.precision, threshold=e.threshold,
+                                 device=e.device, progress=True)  # fmt: skip
     write_outputs(result, METRICS, PREDICTIONS, PLOTS, DETAILS)
     m = result["metrics"]
     scores = ", ".join(f"{s} F1 {m[s]['f1']:.4f} accuracy {m[s]['accuracy']:.4f}" for s in ("test", "train"))

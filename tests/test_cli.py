@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from gpt2lab.checkpoint import random_checkpoint
 from gpt2lab.cli import main
@@ -189,6 +190,14 @@ CLI_MISTAKES = [
     (["generate", "hi", "--model", "{missing}"], "{missing}: no config.json"),
     (["generate", "hi", "--model", "{clf}"], "{clf}: no config.json"),  # a classifier, not a GPT-2
     (["generate", "hi", "--model", "{corrupt_base}"], "model.safetensors: corrupted or replaced: expected sha256"),
+    (["classify", "hi", "--model", "{clf}", "--device", "gpu"], "--device: invalid value 'gpu'; allowed: auto | cpu"),
+    (["classify", "hi", "--model", "{clf}", "--device", "cpu", "--precision", "fp16"], "--precision: fp16 runs only on CUDA"),
+    (["generate", "hi", "--model", "{base}", "--device", "cpu", "--precision", "fp16"], "--precision: fp16 runs only on CUDA"),
+    *([] if torch.cuda.is_available() else [
+        (["classify", "hi", "--model", "{clf}", "--device", "cuda"], "--device: cuda asked for, but this PyTorch is a CPU-only"),
+        (["generate", "hi", "--model", "{base}", "--device", "cuda:1"], "--device: cuda:1 asked for, but "),
+    ]),  # fmt: skip
+    (["serve", "runs:/x/model", "--device", "gpu"], "--device: invalid value 'gpu'; allowed: auto | cpu"),
     (["convert", "{notes}", "{out}"], "not a GPT-2 checkpoint"),
     (["convert", "{garbage}", "{out}"], "not a readable safetensors file"),
     (["convert", "{clf}/adapter.safetensors", "{out}"], "missing tensor 'wte.weight'"),
@@ -234,6 +243,30 @@ def test_cli_streams_the_prompt_and_continuation(tiny_checkpoint, capsys):
     # stdout is the text alone; stderr ends with the summary (and warned once of the random weights).
     assert re.fullmatch(r"6 tokens in \d+\.\d\d s \(\d+\.\d tokens/s\)", err.splitlines()[-1])
     assert err.count("random weights") == 1
+
+
+def test_cli_device_and_precision_flags(tiny_checkpoint, capsys, saved, expected):
+    argv = ["generate", "Every effort moves you", "--model", str(tiny_checkpoint), "--max-new-tokens", "6",
+            "--temperature", "1.0", "--seed", "3"]  # fmt: skip
+    assert main(argv) == 0
+    sampled = capsys.readouterr().out
+    assert main([*argv, "--device", "auto"]) == 0 and capsys.readouterr().out == sampled  # draws on the CPU
+    assert main([*argv, "--device", "cpu", "--precision", "auto"]) == 0
+    capsys.readouterr()
+    code, out, _ = run(capsys, "classify", *MESSAGES, "--model", str(saved[0]), "--json", "--device", "cpu")
+    assert code == 0
+    assert_same(json.loads(out), expected)
+
+
+def test_cli_serve_overrides_only_the_config_keys_given(monkeypatch):
+    import gpt2lab.server
+
+    calls = []
+    monkeypatch.setattr(gpt2lab.server, "serve", lambda *a, **kw: calls.append(kw["model_config"]))
+    assert main(["serve", "runs:/x/model"]) == 0  # the model's own config: a GPU when there is one
+    assert main(["serve", "runs:/x/model", "--device", "cpu"]) == 0
+    assert main(["serve", "runs:/x/model", "--precision", "int8", "--device", "cpu"]) == 0
+    assert calls == [None, {"device": "cpu"}, {"precision": "int8", "device": "cpu"}]
 
 
 def test_cli_prompt_lookup_prints_the_same_text(tiny_checkpoint, capsys):

@@ -24,9 +24,15 @@ from gpt2lab.evaluate import (
     roc_table,
     write_outputs,
 )
+from gpt2lab.devices import describe, resolve_device, resolve_precision
 from gpt2lab.inference import Classifier
 from gpt2lab.plots import save_eval_plots
 from tests.helpers import MESSAGES, make_classifier
+
+
+def clf_device():
+    """Where ``device: auto`` (the eval section's default) runs here."""
+    return resolve_device("auto")
 
 
 def _by_hand(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
@@ -130,7 +136,8 @@ def test_metrics_and_predictions(project, tmp_path):
     result = evaluate_classifier(project / "models" / "classifier", project / "data" / "prepared",
                                  batch_size=4, precision="fp32", threshold=threshold)  # fmt: skip
     metrics, predictions = result["metrics"], result["predictions"]
-    assert list(metrics) == [*SPLITS, "base_pretrained", "threshold", "precision"]
+    assert list(metrics) == [*SPLITS, "base_pretrained", "threshold", "precision", "device"]
+    assert metrics["precision"] == "fp32" and metrics["device"] == describe(clf_device())
     assert metrics["base_pretrained"] is False and metrics["threshold"] == threshold
     # The predictions are the classifier's, row by row, with the split's own labels.
     clf = Classifier.load(project / "models" / "classifier")
@@ -184,7 +191,8 @@ def test_stage_script_end_to_end(project):
     assert done.stdout.startswith("evaluate: test F1 ") and done.stdout.count("\n") == 1  # one result line
     metrics = json.loads((project / "metrics" / "eval_details.json").read_text())
     predictions = pd.read_csv(project / "metrics" / "predictions.csv")
-    assert metrics["precision"] == "bf16" and metrics["threshold"] == 0.5  # params.yaml's eval section
+    # params.yaml's eval section: precision auto, as the hardware runs it
+    assert metrics["precision"] == resolve_precision("auto", clf_device()) and metrics["threshold"] == 0.5
     check_against_independent(metrics, predictions, 0.5)
 
     plots = project / "metrics" / "plots"

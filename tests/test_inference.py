@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import gpt2lab
 from gpt2lab.classifier import ClassifierError
+from gpt2lab.devices import DeviceError, resolve_precision
 from gpt2lab.errors import Gpt2labError
 from gpt2lab.inference import Classifier, InvalidTextError, StoppedError, classify_review
 from gpt2lab.quantize import Int8Linear
@@ -118,6 +119,13 @@ def test_no_messages_no_answers(clf):
     assert clf.predict([]) == [] and clf.classify(()) == []
 
 
+def test_auto_runs_where_the_hardware_says(saved, clf):
+    auto = Classifier.load(saved[0], saved[1], precision="auto")
+    assert auto.device == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    assert auto.precision == resolve_precision("auto", auto.device)
+    assert clf.device == auto.device and clf.precision == "fp32"
+
+
 def test_bf16_is_close_to_fp32(saved, clf):
     fast = Classifier.load(saved[0], saved[1], precision="bf16")
     assert fast.model.body.h[0].attn.c_attn.weight.dtype == torch.bfloat16
@@ -143,8 +151,13 @@ def test_int8_is_close_to_fp32(saved, clf):
 
 
 def test_bad_settings_and_missing_folder(saved, tmp_path):
-    with pytest.raises(ClassifierError, match="precision"):
-        Classifier.load(saved[0], saved[1], precision="fp16")
+    with pytest.raises(DeviceError, match="precision: fp16 runs only on CUDA"):
+        Classifier.load(saved[0], saved[1], precision="fp16", device="cpu")
+    with pytest.raises(DeviceError, match="precision: invalid value 'fp8'"):
+        Classifier.load(saved[0], saved[1], precision="fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="device: cuda asked for, but "):
+            Classifier.load(saved[0], saved[1], device="cuda")
     with pytest.raises(ClassifierError, match="threshold"):
         Classifier.load(saved[0], saved[1], threshold=1.5)
     with pytest.raises(ClassifierError, match="no classifier.json"):

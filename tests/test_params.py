@@ -40,7 +40,8 @@ def test_committed_params_are_valid():
         ("model", "name", "gpt3", r"model\.name: invalid value 'gpt3'; allowed: gpt2 \| gpt2-medium"),
         ("weights", "source", "s3", r"weights\.source: .*openai \| hf \| local \| random"),
         ("data", "train_frac", 0.95, r"data\.train_frac \+ data\.validation_frac: .*below 1"),
-        ("train", "precision", "fp16", r"train\.precision: .*bf16 \| fp32"),
+        ("train", "precision", "fp8", r"train\.precision: .*auto \| bf16 \| fp16 \| fp32"),
+        ("train", "precision", "int8", r"train\.precision: invalid value 'int8'; allowed: auto \| bf16 \| fp16 \| fp32$"),
         ("train", "mode", "adapter", r"train\.mode: .*lora \| last_block \| full"),
         ("train", "batch_size", True, r"train\.batch_size: expected an integer"),
         ("generate", "top_p", 1.5, r"generate\.top_p"),
@@ -50,6 +51,22 @@ def test_committed_params_are_valid():
 def test_bad_values_name_key_and_allowed(section, key, value, message):
     raw = _raw()
     raw[section][key] = value
+    with pytest.raises(ParamsError, match=message):
+        Params.from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    "section,device,precision,message",
+    [
+        ("eval", "cuda", "int8", r"eval\.precision: .*with a CUDA device \(int8 weights run only on a CPU\)"),
+        ("generate", "cuda:1", "int8", r"generate\.precision: .*int8 weights run only on a CPU"),
+        ("generate", "cpu", "fp16", r"generate\.precision: .*auto \| bf16 \| fp32 \| int8 with device cpu \(fp16 runs"),
+        ("train", "cpu", "fp16", r"train\.precision: .*auto \| bf16 \| fp32 with device cpu \(fp16 runs only"),
+    ],
+)
+def test_a_precision_the_device_cannot_run_is_refused(section, device, precision, message):
+    raw = _raw()
+    raw[section].update(device=device, precision=precision)
     with pytest.raises(ParamsError, match=message):
         Params.from_dict(raw)
 
@@ -128,9 +145,12 @@ def _choices(section: str) -> dict[str, st.SearchStrategy]:
         ("weights", "source"): config.WEIGHT_SOURCES + ("s3",),
         ("train", "mode"): config.TRAIN_MODES + ("adapter",),
         ("train", "schedule"): config.SCHEDULES + ("step",),
-        ("train", "precision"): config.PRECISIONS + ("fp16",),  # int8: inference only, refused
-        ("eval", "precision"): config.PRECISIONS + ("fp16",),
-        ("generate", "precision"): config.PRECISIONS + ("fp16",),
+        ("train", "precision"): config.PRECISIONS + ("fp8",),  # int8: inference only, refused
+        ("eval", "precision"): config.PRECISIONS + ("fp8",),
+        ("generate", "precision"): config.PRECISIONS + ("fp8",),
+        ("train", "device"): ("auto", "cpu", "cuda", "cuda:1", "gpu", "cuda:", "CPU"),
+        ("eval", "device"): ("auto", "cpu", "cuda", "cuda:0", "mps"),
+        ("generate", "device"): ("auto", "cpu", "cuda:0", "tpu"),
         ("data", "sha256"): (COMMITTED["data"]["sha256"], COMMITTED["data"]["sha256"].upper(), "abc"),
     }
     out = {}

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from gpt2lab.stage import run
@@ -56,6 +57,12 @@ STAGE_MISTAKES = [
     ("evaluate", _set(tracking__experiment=""), "error: tracking.experiment: invalid value ''"),  # read by every stage
     ("generate", "generate:\n  prompts: [unclosed\n", "error: params.yaml, line 3: not valid YAML"),
     ("train", None, "error: params.yaml: cannot read it (No such file or directory)"),
+    *([] if torch.cuda.is_available() else [  # a device this machine lacks: one line, before any work
+        ("train", _set(train__device="cuda"), "error: train.device: cuda asked for, but "),
+        ("train", _set(train__device="cuda", train__nproc_per_node=2), "error: train.device: cuda asked for, but "),
+        ("evaluate", _set(eval__device="cuda:1"), "error: eval.device: cuda:1 asked for, but "),
+        ("generate", _set(generate__device="cuda"), "error: generate.device: cuda asked for, but "),
+    ]),
 ]  # fmt: skip
 
 

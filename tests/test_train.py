@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
+import shutil
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from gpt2lab.batching import SpamDataset, make_loader
 from gpt2lab.classifier_io import META_FILE, load_classifier
+from gpt2lab.devices import DeviceError
 from gpt2lab.inference import predict_proba
 from gpt2lab.lora import ADAPTER_FILE
 from gpt2lab.params import LoRAParams, TrainParams
-from gpt2lab.train import CURVE_COLUMNS, lr_factor, train_classifier, write_outputs
+from gpt2lab.train import CURVE_COLUMNS, fixed_batches, lr_factor, train_classifier, write_outputs
+from tests.helpers import one_error_line
 
 LORA = LoRAParams(rank=4, alpha=8.0)
 
@@ -96,3 +104,84 @@ def test_write_outputs(tmp_path, train_inputs):
     assert (tmp_path / "plots" / "loss-plot.pdf").read_bytes()[:4] == b"%PDF"
     again = write_outputs(result, tmp_path / "m2.json", tmp_path / "d2.json", tmp_path / "c2.tsv", tmp_path / "plots2")
     assert [p.read_bytes() for p in again[3:]] == [p.read_bytes() for p in paths[3:]]  # byte-reproducible
+
+
+def test_gradient_accumulation_takes_the_same_steps(tmp_path, train_inputs):
+    """Each batch of 8 in 3 pieces (3, 3, 2 messages): the same optimizer steps, up to float rounding."""
+    base, data = train_inputs
+    train = _params(epochs=1, lr=5e-4, bucket=True)
+    one = train_classifier(base, data, tmp_path / "one", LORA, train, seed=3)
+    acc = train_classifier(base, data, tmp_path / "acc", LORA, dataclasses.replace(train, grad_accum_steps=3), seed=3)
+    a, b = ([r["loss"] for r in x["history"]["steps"]] for x in (one, acc))
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) <= 1e-5
+    ta, tb = load_file(str(tmp_path / "one" / ADAPTER_FILE)), load_file(str(tmp_path / "acc" / ADAPTER_FILE))
+    for key in ta:
+        torch.testing.assert_close(tb[key], ta[key], rtol=1e-4, atol=1e-6)
+    assert acc["metrics"]["grad_accum_steps"] == 3 and one["metrics"]["processes"] == 1
+
+
+def test_cuda_on_a_machine_without_it_is_one_line(tmp_path, train_inputs):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    base, data = train_inputs
+    with pytest.raises(DeviceError) as err:
+        train_classifier(base, data, tmp_path / "clf", LORA, _params(device="cuda"), seed=1)
+    assert str(err.value).startswith("train.device: cuda asked for, but this PyTorch is a CPU-only build")
+
+
+GIANT_TOKENS = 1 << 17  # one message this long: attention's (B, n_head, T, T) scores need ~256 GiB
+MEMORY_CAP = 6 << 30  # the run's address space: whatever else a step would allocate fails well before the machine's RAM
+OOM_RUN = """
+import resource, sys
+from gpt2lab.params import LoRAParams, TrainParams
+from gpt2lab.stage import run
+from gpt2lab.train import train_classifier
+resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap}))
+train = TrainParams(epochs=1, batch_size=2, eval_iter=1, precision="bf16", checkpoint_every=1, num_threads=1)
+sys.exit(run(lambda: train_classifier("base", "data", "clf", LoRAParams(rank=4, alpha=8.0), train, {seed},
+                                      checkpoint_dir="ckpt") and None))
+"""
+
+
+def _oom_case(ds: SpamDataset, seed: int, train: TrainParams) -> tuple[int, bool]:
+    """(0-based step of epoch 1 holding the giant message, whether a train/validation estimate reads it)."""
+    giant = max(range(len(ds)), key=lambda i: len(ds.ids[i]))
+    loader = make_loader(ds, train.batch_size, shuffle=True, seed=seed, bucket=train.bucket)
+    (step,) = [i for i, b in enumerate(loader.batch_sampler) if giant in b]
+    estimated = any(len(b.ids[0]) >= GIANT_TOKENS for b in fixed_batches(ds, train.eval_iter * train.batch_size,
+                                                                            train.batch_size, seed))  # fmt: skip
+    return step, estimated
+
+
+@pytest.mark.slow
+def test_out_of_memory_is_one_line_naming_the_keys_and_keeps_the_checkpoint(tmp_path, train_inputs):
+    """A real failed allocation (a batch whose attention needs ~256 GiB) in the middle of an epoch,
+    in a process whose address space is capped (so nothing can push this machine into swapping)."""
+    from gpt2lab.checkpoint import random_checkpoint
+    from gpt2lab.model import GPT2Config
+    from gpt2lab.resume import load_checkpoint
+
+    _, small = train_inputs
+    (tmp_path / "data").mkdir()
+    df = pd.read_csv(small / "train.csv", keep_default_na=False)
+    giant = pd.DataFrame({"Label": [1], "Text": ["win " * GIANT_TOKENS]})
+    pd.concat([df, giant]).to_csv(tmp_path / "data" / "train.csv", index=False)
+    shutil.copy(small / "validation.csv", tmp_path / "data" / "validation.csv")
+    random_checkpoint(GPT2Config(n_ctx=GIANT_TOKENS, n_embd=32, n_layer=2, n_head=2), 3, tmp_path / "base")
+    train = _params(epochs=1, batch_size=2, eval_iter=1)
+    ds = SpamDataset.from_csv(tmp_path / "data" / "train.csv", GIANT_TOKENS)
+    seed = next(s for s in range(100) if (case := _oom_case(ds, s, train))[0] >= 2 and not case[1])
+    step = _oom_case(ds, seed, train)[0] + 1  # 1-based: the steps before it ran and were checkpointed
+    script = OOM_RUN.format(cap=MEMORY_CAP, seed=seed)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    line = one_error_line(done.stderr)
+    assert re.match(rf"error: out of memory on cpu at step {step} \([12] messages? of up to {GIANT_TOKENS} tokens", line)
+    for key in ("train.batch_size (2)", "train.max_length (None)", "train.grad_accum_steps (1)"):
+        assert key in line, line
+    assert f"the checkpoint of step {step - 1} is intact: the next run resumes there" in line
+    (path,) = (tmp_path / "ckpt").glob("*/checkpoint.pt")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert load_checkpoint(path, state["fingerprint"])["step"] == step - 1
+    assert not (tmp_path / "clf").exists()

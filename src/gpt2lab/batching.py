@@ -7,10 +7,11 @@ token. :class:`LengthBucketSampler` groups similar lengths with the classes kept
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 NO_LABEL = -100  # label of unlabelled examples: PyTorch's cross-entropy ignore_index
 BUCKET_POOL_BATCHES = 100  # length bucketing sorts within pools of this many batches
+T = TypeVar("T")
 
 
 class SpamDataset(Dataset):
@@ -74,8 +76,50 @@ class Batch(NamedTuple):
     lengths: torch.Tensor
     labels: torch.Tensor
 
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device) for t in self))
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+
+class Shard(NamedTuple):
+    """One process's share of a global batch: its ``micro`` batches, run one after the other
+    (gradient accumulation), and ``count``, the number of messages in the whole global batch
+    (all processes, all micro-batches): the loss of a step is the mean over those.
+
+    A micro-batch with no message of the global batch left for it holds one message labelled
+    :data:`NO_LABEL`: its loss and gradient are zero, yet the process still takes part in the
+    gradient exchange of the step.
+    """
+
+    micro: list[Batch]
+    count: int
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Shard:
+        return Shard([b.to(device, non_blocking) for b in self.micro], self.count)
+
+
+def split_batch(items: Sequence[T], rank: int, world_size: int, accum_steps: int) -> list[list[T]]:
+    """The ``accum_steps`` micro-batches of process ``rank`` (of ``world_size``) out of one global batch.
+
+    ``items`` is cut into ``world_size * accum_steps`` consecutive pieces whose sizes differ by
+    at most one; micro-batch ``m`` of rank ``r`` is piece ``m * world_size + r``. Every item is in
+    exactly one piece, so the processes together see the global batch of a single-process run;
+    consecutive pieces of a length-bucketed batch have similar lengths, so the processes of one
+    micro-step get about the same work. Pieces may be empty when ``items`` is short.
+    """
+    parts = world_size * accum_steps
+    bounds = [len(items) * k // parts for k in range(parts + 1)]
+    pieces = [list(items[bounds[k] : bounds[k + 1]]) for k in range(parts)]
+    return [pieces[m * world_size + rank] for m in range(accum_steps)]
+
+
+def collate_shard(
+    batch: Sequence[tuple[Sequence[int], int]], *, rank: int = 0, world_size: int = 1, accum_steps: int = 1
+) -> Shard:
+    """``collate`` for one process's share of a global batch (see :func:`split_batch` and :class:`Shard`)."""
+    micro = []
+    for piece in split_batch(batch, rank, world_size, accum_steps):
+        micro.append(collate(piece) if piece else collate([(batch[0][0], NO_LABEL)]))
+    return Shard(micro, len(batch))
 
 
 def collate(batch: Sequence[tuple[Sequence[int], int]]) -> Batch:
@@ -183,13 +227,23 @@ def make_loader(
     seed: int,
     bucket: bool = False,
     drop_last: bool = False,
+    shard: tuple[int, int, int] | None = None,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A seeded DataLoader yielding :class:`Batch` (ids (B, T), lengths (B,), labels (B,)).
 
     ``bucket`` groups similar lengths into batches, each label in about its share of the data,
     then shuffles the batches (see :class:`LengthBucketSampler`); otherwise items are batched
     in (shuffled) index order. The same seed gives the same sequence of epochs.
+
+    ``shard=(rank, world_size, accum_steps)`` yields instead, for each global batch of
+    ``batch_size`` (the same global batches for any shard), the :class:`Shard` of process
+    ``rank``. ``pin_memory`` puts batches in page-locked memory, for non-blocking copies to a GPU.
     """
+    collate_fn = collate
+    if shard is not None:
+        rank, world_size, accum_steps = shard
+        collate_fn = functools.partial(collate_shard, rank=rank, world_size=world_size, accum_steps=accum_steps)
     if bucket:
         lengths, labels = _lengths_and_labels(dataset)
         sampler = LengthBucketSampler(
@@ -198,12 +252,14 @@ def make_loader(
         # A generator of its own: without one, each new iterator draws its base seed from the
         # global RNG, shifting the dropout stream of a run resumed mid-epoch.
         generator = torch.Generator().manual_seed(seed)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=generator)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, generator=generator,
+                          pin_memory=pin_memory)  # fmt: skip
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         drop_last=drop_last,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(seed),
+        pin_memory=pin_memory,
     )

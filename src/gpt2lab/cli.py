@@ -14,11 +14,12 @@ from collections.abc import Callable, Sequence
 
 from gpt2lab import __version__
 from gpt2lab.errors import Gpt2labError
-from gpt2lab.params import MAX_SEED, PRECISIONS, GenerateParams
+from gpt2lab.params import DEVICE_PATTERN, DEVICES, MAX_SEED, PRECISIONS, GenerateParams
 from gpt2lab.server import MAX_REQUEST_BYTES
 from gpt2lab.stage import VERBOSE_ENV, quiet_libraries, run
 
 Command = Callable[[argparse.Namespace], int | None]
+DEVICE_HELP = f"{DEVICES}; auto = CUDA when present (default: %(default)s)"
 
 
 def warn(message: str) -> None:
@@ -40,6 +41,7 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from gpt2lab.checkpoint import is_pretrained
+    from gpt2lab.devices import resolve_device, resolve_precision
     from gpt2lab.generate import check_sampling
     from gpt2lab.textgen import load_generator, stream_text
 
@@ -54,13 +56,15 @@ def _generate(args: argparse.Namespace) -> None:
         if args.threads < 1:
             raise Gpt2labError(f"--threads {args.threads}: expected a positive number of threads")
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device, key="--device")
+    precision = resolve_precision(args.precision, device, key="--precision")
     with tempfile.TemporaryDirectory() as tmp:
         # An MLflow classifier model: generate with the GPT-2 it was trained on (its base).
         path = _mlflow_model(args.model, tmp)[1] if _is_mlflow_uri(args.model) else args.model
-        model = load_generator(path, args.precision)
+        model = load_generator(path, precision, device)
         if not is_pretrained(path):
             warn(f"{args.model} holds random weights (a smoke run): the text is noise")
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)  # draws on the CPU: the same text on any device
     print(args.prompt, end="", flush=True)
     t0, n = time.perf_counter(), 0
     for n, piece in enumerate(stream_text(model, args.prompt, args.max_new_tokens, stop_at_eos=not args.ignore_eos,
@@ -78,14 +82,12 @@ def _serve(args: argparse.Namespace) -> None:
 
     if args.max_request_mb <= 0 or args.timeout <= 0:
         raise Gpt2labError("--max-request-mb and --timeout must be positive")
-    if args.precision:
-        import json
-
-        from gpt2lab.serving import SETTINGS_ENV
-
-        os.environ[SETTINGS_ENV] = json.dumps({**json.loads(os.environ.get(SETTINGS_ENV) or "{}"),
-                                               "precision": args.precision})  # fmt: skip
-    serve(args.model, args.host, args.port, max_request_bytes=int(args.max_request_mb * 2**20), timeout_s=args.timeout)
+    if args.device is not None and not DEVICE_PATTERN.fullmatch(args.device):
+        raise Gpt2labError(f"--device: invalid value {args.device!r}; allowed: {DEVICES}")
+    # Only what is given overrides the model's own settings (by default: fp32, a GPU when there is one).
+    config = {k: v for k, v in (("precision", args.precision), ("device", args.device)) if v is not None}
+    serve(args.model, args.host, args.port, max_request_bytes=int(args.max_request_mb * 2**20), timeout_s=args.timeout,
+          model_config=config or None)  # fmt: skip
 
 
 def _smoke(args: argparse.Namespace) -> int:
@@ -127,13 +129,16 @@ def _classify_with(args: argparse.Namespace, texts: list[str], model: str, base:
     from pathlib import Path
 
     from gpt2lab.classifier_io import META_FILE, BaseCheckpointMissingError, read_classifier_meta
+    from gpt2lab.devices import resolve_device, resolve_precision
     from gpt2lab.inference import Classifier
 
     if not (Path(model) / META_FILE).is_file():
         raise Gpt2labError(f"no trained classifier at {model}; {_where_models_are()}")
+    device = resolve_device(args.device, key="--device")
+    precision = resolve_precision(args.precision, device, key="--precision")
     try:
-        clf = Classifier.load(model, base, batch_size=args.batch_size, precision=args.precision,
-                              threshold=args.threshold)  # fmt: skip
+        clf = Classifier.load(model, base, batch_size=args.batch_size, precision=precision,
+                              threshold=args.threshold, device=str(device))  # fmt: skip
     except BaseCheckpointMissingError as err:  # its own wording names the Python argument base_dir=
         raise Gpt2labError(err.message("--base DIR")) from err
     if not read_classifier_meta(model)["base"].get("pretrained", False):
@@ -253,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling, 0 < p <= 1 (default: off)")
     p.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="int8: int8 weights, fastest on x86 CPUs (default: %(default)s)")  # fmt: skip
+                   help="weights in this type; fp16: CUDA only; int8: int8 weights, CPU only, fastest on x86; "
+                        "auto: bf16 where the hardware has it (default: %(default)s)")  # fmt: skip
+    p.add_argument("--device", default=d.device, metavar="DEVICE", help=DEVICE_HELP)
     p.add_argument("--prompt-lookup", type=int, default=d.prompt_lookup, metavar="N",
                    help="guess up to N tokens per forward pass from earlier text; same output, "
                         "faster on repetitive text (default: %(default)s = off)")  # fmt: skip
@@ -279,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="its base checkpoint folder (default: the one it was trained on)")  # fmt: skip
     p.add_argument("--threshold", type=float, default=0.5, help="spam when probability >= it (default: %(default)s)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="bf16: ~2x fp32 on AVX-512 bf16 CPUs; int8: int8 weights (default: %(default)s)")  # fmt: skip
+                   help="bf16: ~2x fp32 on AVX-512 bf16 CPUs; fp16: CUDA only; int8: int8 weights, CPU only; "
+                        "auto: bf16 where the hardware has it (default: %(default)s)")  # fmt: skip
+    p.add_argument("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)
     p.add_argument("--batch-size", type=int, default=32, help="messages per forward pass (default: %(default)s)")
     p.set_defaults(func=_classify)
 
@@ -292,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds of work per request; then 504 and the work stops (default: %(default)s)")  # fmt: skip
     p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="over the precision logged with the model (default: the logged one, fp32)")  # fmt: skip
+                   help="over the settings logged with the model (default: the logged one, fp32)")  # fmt: skip
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help=f"{DEVICES} (default: the logged one: auto = CUDA when present)")  # fmt: skip
     p.set_defaults(func=_serve)
 
     source_help = "classifier folder, or an MLflow model URI such as runs:/<run id>/model"

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from gpt2lab.classifier_io import read_classifier_meta
 from gpt2lab.dataset import CLASS_NAMES, SPLITS, read_split
+from gpt2lab.devices import describe, resolve_device, resolve_precision
 from gpt2lab.errors import Gpt2labError
 from gpt2lab.fileio import write_atomic
 from gpt2lab.inference import Classifier
@@ -92,31 +93,36 @@ def evaluate_classifier(
     data_dir: str | Path,
     *,
     batch_size: int = 32,
-    precision: str = "bf16",
+    precision: str = "auto",
     threshold: float = 0.5,
     base_dir: str | Path | None = None,
     splits: Sequence[str] = SPLITS,
     progress: bool = False,
+    device: str = "auto",
 ) -> dict:
     """Score the trained classifier on each prepared split.
 
     Args:
         classifier_dir: the folder the train stage wrote (``models/classifier``).
         data_dir: the folder with ``{train,validation,test}.csv`` (``data/prepared``).
-        batch_size, precision, threshold: params.yaml's ``eval`` section.
+        batch_size, precision, threshold, device: params.yaml's ``eval`` section.
         base_dir: the base checkpoint; default: the one recorded at training time.
         progress: show a progress bar (messages scored) on a terminal.
 
     Returns:
         ``{"metrics": {split: classification_metrics(...), ..., "base_pretrained": bool,
-        "threshold": float, "precision": str}, "predictions": DataFrame}`` where the predictions
-        have one row per message: ``split, row`` (its row in the split's CSV), ``label``, ``probability``.
+        "threshold": float, "precision": str (as run), "device": str}, "predictions": DataFrame}``
+        where the predictions have one row per message: ``split, row`` (its row in the split's
+        CSV), ``label``, ``probability``.
     """
+    target = resolve_device(device, key="eval.device")
+    precision = resolve_precision(precision, target, key="eval.precision")
     paths = {split: Path(data_dir) / f"{split}.csv" for split in splits}
     for path in paths.values():
         if not path.is_file():
             raise EvalError(f"{path}: missing; run the prepare_data stage first (dvc repro prepare_data)")
-    clf = Classifier.load(classifier_dir, base_dir, batch_size=batch_size, precision=precision, threshold=threshold)
+    clf = Classifier.load(classifier_dir, base_dir, batch_size=batch_size, precision=precision, threshold=threshold,
+                          device=str(target))  # fmt: skip
     meta = read_classifier_meta(classifier_dir)
     if not meta["base"].get("pretrained", False):  # say so where the numbers are read
         log.info("the classifier was trained on RANDOM base weights: its metrics are a smoke check only")
@@ -138,7 +144,7 @@ def evaluate_classifier(
         frames.append(pd.DataFrame(rows))
     bar.close()
     pretrained = bool(meta["base"].get("pretrained", False))
-    metrics.update(base_pretrained=pretrained, threshold=threshold, precision=precision)
+    metrics.update(base_pretrained=pretrained, threshold=threshold, precision=precision, device=describe(target))
     return {"metrics": metrics, "predictions": pd.concat(frames, ignore_index=True)}
 
 

@@ -4,8 +4,10 @@
 :func:`stream` runs the prompt once (prefill), then decodes one token at a time against
 the model's preallocated KV cache, computing logits for the last position only; it yields
 every step's tokens, so a CLI can print text as it comes; :func:`generate` collects them.
-While it decodes, the model's plain linear layers run the few-row CPU kernels of
-:mod:`gpt2lab.kernels` (swapped in, and back out at the end).
+While it decodes on a CPU, the model's plain linear layers run the few-row CPU kernels of
+:mod:`gpt2lab.kernels` (swapped in, and back out at the end); on a GPU, PyTorch's own. Tokens
+are drawn on the device of the ``generator`` given (a CPU generator on a GPU model: the same
+tokens as on a CPU, up to float rounding of the probabilities).
 
 Past the context length (``n_ctx``, 1024 for GPT-2) the context is cut, not refused:
 whenever the tokens to attend to would exceed ``n_ctx``, only their last ``n_ctx // 2``
@@ -108,15 +110,18 @@ def sample(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Next token ids (B,) drawn from ``logits`` (B, vocab_size) with ``generator``.
+    """Next token ids (B,) drawn from ``logits`` (B, vocab_size) with ``generator``, on ``logits``' device.
 
     ``temperature == 0`` or ``top_k == 1`` is greedy (argmax; the lowest id wins a tie);
-    otherwise one token is drawn from :func:`sampling_probs`.
+    otherwise one token is drawn from :func:`sampling_probs`, on the generator's device (so a
+    seed draws the same tokens whatever device the model runs on).
     """
     check_sampling(temperature, top_k, top_p)
     if temperature == 0 or top_k == 1:
         return logits.float().argmax(dim=-1)  # fp32 argmax is ~2.5x faster than bf16's on CPU; same ids
     probs = sampling_probs(logits, temperature, top_k, top_p)
+    if generator is not None and generator.device != probs.device:
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(logits.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -297,11 +302,12 @@ def stream(
 
 @contextlib.contextmanager
 def _decoding(model: GPT2) -> Iterator[None]:
-    """Eval mode and the few-row kernels for the block; then the cache is freed and the mode restored."""
+    """Eval mode and, on a CPU, the few-row kernels for the block; then the cache is freed and the mode restored."""
     was_training = model.training
     model.eval()
+    on_cpu = model.wte.weight.device.type == "cpu"
     try:
-        with few_row_kernels(model):
+        with few_row_kernels(model) if on_cpu else contextlib.nullcontext():
             yield
     finally:
         model.clear_cache()

@@ -1,7 +1,9 @@
 """The inference API: :class:`Classifier` (load, ``predict``, ``predict_proba``, ``classify``).
 
 Messages are tokenized, cut to the model's ``max_length`` and batched by length (sorted, then
-padded per batch); results come back in input order.
+padded per batch); results come back in input order. The model runs on the device it is on
+(``Classifier.load(..., device="auto")``: a GPU when there is one); batches reach a GPU from
+pinned memory without blocking.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gpt2lab.batching import SpamDataset, collate
+from gpt2lab.batching import Batch, SpamDataset, collate
 from gpt2lab.classifier import ClassifierError, SpamClassifier, cast_frozen_linears
 from gpt2lab.classifier_io import load_classifier, read_classifier_meta
 from gpt2lab.dataset import CLASS_NAMES
-from gpt2lab.devices import DTYPES, autocast
+from gpt2lab.devices import DTYPES, autocast, resolve_device, resolve_precision
 from gpt2lab.quantize import Int8Linear, check_int8, quantize_int8
 
 TEXT_COLUMN = "text"  # a DataFrame's column of messages (also the served model's input column)
@@ -34,11 +36,12 @@ def predict_proba(
     *,
     stop: Callable[[], str | None] | None = None,
 ) -> np.ndarray:
-    """Spam probability (N,) of each text, in input order.
+    """Spam probability (N,) of each text, in input order, computed on the model's device.
 
     Texts are tokenized, cut to ``model.max_length`` tokens and batched by length (sorted,
-    then padded per batch) so little time goes into padding. ``stop`` is asked before each
-    batch; when it returns a reason, :class:`StoppedError` is raised (a server's deadline or
+    then padded per batch) so little time goes into padding. ``precision``: fp32, or bf16 / fp16
+    autocast (resolved: see :func:`gpt2lab.devices.resolve_precision`). ``stop`` is asked before
+    each batch; when it returns a reason, :class:`StoppedError` is raised (a server's deadline or
     shutdown: the work stops within one batch).
     """
     dataset = SpamDataset(texts, None, model.max_length)
@@ -46,12 +49,14 @@ def predict_proba(
     probs = np.empty(len(dataset), dtype=np.float64)
     model.eval()
     device = next(model.parameters()).device
+    cuda = device.type == "cuda"
     for start in range(0, len(order), batch_size):
         if stop is not None and (reason := stop()):
             raise StoppedError(f"classification stopped after {start} of {len(order)} messages: {reason}")
         idx = order[start : start + batch_size]
-        batch = collate([dataset[int(i)] for i in idx]).to(device)
-        with autocast(precision):
+        batch = collate([dataset[int(i)] for i in idx])
+        batch = batch.to(device) if not cuda else Batch(*(t.pin_memory() for t in batch)).to(device, non_blocking=True)
+        with autocast(precision, device):
             logits = model(batch.ids, batch.lengths)
         probs[idx] = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
     return probs
@@ -126,7 +131,7 @@ class Classifier:
         if len(labels) != 2 or model.head.out_features != 2:
             raise ClassifierError(f"expected a 2-class (ham, spam) classifier, got labels {list(labels)}")
         if precision not in DTYPES:
-            raise ClassifierError(f"precision: {precision!r} is not one of {' | '.join(DTYPES)}")
+            raise ClassifierError(f"precision: {precision!r} is not one of {' | '.join(DTYPES)} (resolve auto first)")
         if not 0.0 <= threshold <= 1.0:
             raise ClassifierError(f"threshold: {threshold} is not between 0 and 1")
         if batch_size < 1:
@@ -144,6 +149,7 @@ class Classifier:
         batch_size: int = 32,
         precision: str = "fp32",
         threshold: float = 0.5,
+        device: str = "auto",
     ) -> Classifier:
         """Load the folder the train stage wrote (``models/classifier``) onto its base checkpoint.
 
@@ -152,21 +158,33 @@ class Classifier:
             base_dir: the base checkpoint; default: the path recorded at training time.
             batch_size: messages per forward pass.
             precision: ``fp32``; ``bf16`` (about 2x faster on CPUs with AVX-512 bf16; the
-                transformer's linear weights are then stored in bf16, as autocast would cast them);
-                or ``int8`` (the transformer's linear weights quantized to int8 at load, per output
-                channel, for batches of many rows: :mod:`gpt2lab.quantize`; the files stay fp32).
-                int8 raises :class:`~gpt2lab.quantize.Int8UnsupportedError` on a CPU without the kernels.
+                transformer's linear weights are then stored in bf16 on a CPU, as autocast would
+                cast them); ``fp16`` (GPUs only); ``int8`` (CPU only: the transformer's linear
+                weights quantized to int8 at load, per output channel, for batches of many rows:
+                :mod:`gpt2lab.quantize`; the files stay fp32; raises
+                :class:`~gpt2lab.quantize.Int8UnsupportedError` on a CPU without the kernels);
+                ``auto`` (bf16 where the hardware has it, fp16 on older GPUs, else fp32).
             threshold: a message is ``spam`` when its spam probability is >= threshold.
+            device: ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``. A
+                device or precision this machine cannot run raises a one-line
+                :class:`gpt2lab.devices.DeviceError`.
         """
+        target = resolve_device(device, key="device")
+        precision = resolve_precision(precision, target, key="precision")
         if precision == "int8":
             check_int8()  # before the slow part
         model = load_classifier(path, base_dir)
-        if precision == "bf16":
+        if precision == "bf16" and target.type == "cpu":  # on a GPU autocast casts as it goes
             cast_frozen_linears(model, torch.bfloat16)
         elif precision == "int8":
             quantize_int8(model.body.h, "batch")  # the blocks only: the classifier never runs lm_head
         labels = read_classifier_meta(path)["labels"]
-        return cls(model, labels=labels, batch_size=batch_size, precision=precision, threshold=threshold)
+        return cls(model.to(target), labels=labels, batch_size=batch_size, precision=precision, threshold=threshold)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs."""
+        return next(self.model.parameters()).device
 
     @property
     def max_length(self) -> int:
@@ -199,12 +217,13 @@ def classify_review(
 
     Returns the recipe's strings: ``"spam"`` or ``"not spam"``. The signature is the recipe's so
     code written for it runs unchanged: ``tokenizer`` must be GPT-2's BPE (gpt2lab always uses it),
-    ``device`` is the CPU, and ``pad_token_id`` is unused because one message needs no padding.
+    ``device`` is unused (the model runs where it is: ``Classifier.load(..., device=...)``), and
+    ``pad_token_id`` is unused because one message needs no padding.
     ``max_length`` truncates the message to that many tokens (never beyond the model's limit).
     """
     if isinstance(model, Classifier):
         clf = model
-    else:  # a bare model: run it at the precision its weights are stored in
+    else:  # a bare model: run it at the precision its weights are stored in (bf16: cast on a CPU)
         bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
         int8 = any(isinstance(m, Int8Linear) for m in model.modules())
         clf = Classifier(model, precision="int8" if int8 else "bf16" if bf16 else "fp32")

@@ -25,8 +25,11 @@ T = TypeVar("T")
 
 WEIGHT_SOURCES = ("openai", "hf", "local", "random")
 TRAIN_MODES = ("lora", "last_block", "full")
-PRECISIONS = ("bf16", "fp32", "int8")  # inference: generate and eval (int8: weights only, see gpt2lab.quantize)
-TRAIN_PRECISIONS = ("bf16", "fp32")
+# auto: what the device runs best (see gpt2lab.devices); int8: inference only (weights, CPU: gpt2lab.quantize)
+PRECISIONS = ("auto", "bf16", "fp16", "fp32", "int8")
+TRAIN_PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+DEVICES = "auto | cpu | cuda | cuda:N"
 SCHEDULES = ("constant", "linear", "cosine")
 SIZE_KEYS = ("n_layer", "n_head", "n_embd", "n_ctx")
 # The SMS Spam Collection: UCI's archive, its old path, and a copy inside a package on PyPI (offline).
@@ -64,6 +67,25 @@ class ParamsError(Gpt2labError, ValueError):
 def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
     if not ok:
         raise ParamsError(f"{key}: invalid value {value!r}; allowed: {allowed}")
+
+
+def _require_device(section: str, device: str, precision: str, precisions: tuple[str, ...] = PRECISIONS) -> None:
+    """``device`` is a device name, and ``precision`` one of ``precisions`` it can run (fp16 runs
+    only on CUDA, int8 only on a CPU)."""
+    _require(DEVICE_PATTERN.fullmatch(device) is not None, f"{section}.device", DEVICES, device)
+    _require(precision in precisions, f"{section}.precision", " | ".join(precisions), precision)
+    _require(
+        not (precision == "fp16" and device == "cpu"),
+        f"{section}.precision",
+        f"{' | '.join(p for p in precisions if p != 'fp16')} with device cpu (fp16 runs only on CUDA)",
+        precision,
+    )
+    _require(
+        not (precision == "int8" and device.startswith("cuda")),
+        f"{section}.precision",
+        "auto | bf16 | fp16 | fp32 with a CUDA device (int8 weights run only on a CPU)",
+        precision,
+    )
 
 
 @dataclass(frozen=True)
@@ -188,10 +210,15 @@ class TrainParams:
     grad_clip: float | None = 1.0
     eval_freq: int = 50
     eval_iter: int = 5
-    precision: str = "bf16"
+    precision: str = "auto"
     max_length: int | None = None
     bucket: bool = True
     head_bias: bool = False
+    # Where and in how many pieces each global batch is computed: the same optimizer steps, equal up
+    # to float rounding (tests/test_distributed.py), so no result depends on them (see README).
+    device: str = neutral("auto")
+    grad_accum_steps: int = neutral(1)
+    nproc_per_node: int = neutral(1)
     num_threads: int | None = neutral(None)
     checkpoint_every: int = neutral(0)
     resume: bool = neutral(True)
@@ -209,8 +236,21 @@ class TrainParams:
         )
         _require(self.eval_freq > 0, f"{section}.eval_freq", "an integer > 0", self.eval_freq)
         _require(self.eval_iter > 0, f"{section}.eval_iter", "an integer > 0", self.eval_iter)
+        _require_device(section, self.device, self.precision, TRAIN_PRECISIONS)
+        _require(self.grad_accum_steps > 0, f"{section}.grad_accum_steps", "an integer > 0", self.grad_accum_steps)
+        _require(self.nproc_per_node > 0, f"{section}.nproc_per_node", "an integer > 0", self.nproc_per_node)
         _require(
-            self.precision in TRAIN_PRECISIONS, f"{section}.precision", " | ".join(TRAIN_PRECISIONS), self.precision
+            self.nproc_per_node == 1 or ":" not in self.device,
+            f"{section}.device",
+            f"auto | cpu | cuda with nproc_per_node {self.nproc_per_node} (each process takes its own GPU)",
+            self.device,
+        )
+        pieces = self.grad_accum_steps * self.nproc_per_node
+        _require(
+            self.batch_size >= pieces,
+            f"{section}.batch_size",
+            f"an integer >= grad_accum_steps x nproc_per_node = {pieces} (each piece needs a message)",
+            self.batch_size,
         )
         _require(
             self.max_length is None or self.max_length > 0,
@@ -237,12 +277,13 @@ class EvalParams:
     """Evaluation of the trained classifier."""
 
     batch_size: int = 32
-    precision: str = "bf16"
+    precision: str = "auto"
     threshold: float = 0.5
+    device: str = neutral("auto")
 
     def validate(self, section: str) -> None:
         _require(self.batch_size > 0, f"{section}.batch_size", "an integer > 0", self.batch_size)
-        _require(self.precision in PRECISIONS, f"{section}.precision", " | ".join(PRECISIONS), self.precision)
+        _require_device(section, self.device, self.precision)
         _require(0.0 <= self.threshold <= 1.0, f"{section}.threshold", "0 <= threshold <= 1", self.threshold)
 
 
@@ -259,6 +300,7 @@ class GenerateParams:
     stop_at_eos: bool = True
     precision: str = "fp32"
     prompt_lookup: int = 0
+    device: str = neutral("auto")
 
     def validate(self, section: str) -> None:
         _require(len(self.prompts) > 0, f"{section}.prompts", "a non-empty list of strings", self.prompts)
@@ -269,7 +311,7 @@ class GenerateParams:
             self.top_p is None or 0 < self.top_p <= 1, f"{section}.top_p", "0 < top_p <= 1 or null", self.top_p
         )
         _require(0 <= self.seed <= MAX_SEED, f"{section}.seed", SEED_RANGE, self.seed)
-        _require(self.precision in PRECISIONS, f"{section}.precision", " | ".join(PRECISIONS), self.precision)
+        _require_device(section, self.device, self.precision)
         _require(self.prompt_lookup >= 0, f"{section}.prompt_lookup", "an integer >= 0 (0 = off)", self.prompt_lookup)
 
 

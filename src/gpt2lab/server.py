@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 INPUT_COLUMN = "text"  # the served model's input column (gpt2lab.inference.TEXT_COLUMN)
 TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"  # MLflow's; 60 s when unset
+# JSON settings over the ones logged with a model, where it is loaded or served, e.g. {"precision": "int8"}.
+SETTINGS_ENV = "GPT2LAB_SERVING_SETTINGS"
 MAX_REQUEST_BYTES = 4 << 20  # thousands of SMS per request
 SHUTDOWN_GRACE_S = 3.0
 STOPPING = threading.Event()  # set when the server is told to stop: in-flight work ends at its next batch
@@ -122,8 +124,12 @@ def serve(
     *,
     max_request_bytes: int = MAX_REQUEST_BYTES,
     timeout_s: float = 60.0,
+    model_config: dict[str, Any] | None = None,
 ) -> None:
     """Serve the MLflow model at ``model_uri`` (``runs:/...``, ``models:/...`` or a folder) until stopped.
+
+    ``model_config`` overrides keys of the settings logged with the model (``precision``,
+    ``device``, ``batch_size``, ``threshold``), through :data:`SETTINGS_ENV`.
 
     MLflow's scoring app (``/invocations``, ``/ping``, ``/health``, ``/version``) behind
     :class:`RequestGuard`; a request's work stops after ``timeout_s`` (the app answers 504 then).
@@ -135,6 +141,8 @@ def serve(
     from mlflow.pyfunc import scoring_server
 
     os.environ[TIMEOUT_ENV] = str(int(timeout_s))  # read by MLflow's app (504) and by predict's deadline
+    if model_config:
+        os.environ[SETTINGS_ENV] = json.dumps({**json.loads(os.environ.get(SETTINGS_ENV) or "{}"), **model_config})
     model = mlflow.pyfunc.load_model(model_uri)
     app = RequestGuard(scoring_server.init(model), max_request_bytes)
 

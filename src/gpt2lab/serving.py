@@ -39,19 +39,20 @@ from typing import Any
 
 import pandas as pd
 
+from gpt2lab.classifier import ClassifierError
 from gpt2lab.classifier_io import META_FILE, read_classifier_meta
+from gpt2lab.devices import DTYPES
 from gpt2lab.errors import Gpt2labError
 from gpt2lab.fileio import write_atomic
 from gpt2lab.inference import Classifier, InvalidTextError, StoppedError
-from gpt2lab.server import INPUT_COLUMN, STOPPING, TIMEOUT_ENV
+from gpt2lab.params import DEVICE_PATTERN, DEVICES
+from gpt2lab.server import INPUT_COLUMN, SETTINGS_ENV, STOPPING, TIMEOUT_ENV
 from gpt2lab.tokenizer import _ranks_path
 
 log = logging.getLogger(__name__)
 
 MODEL_CODE = Path(__file__).with_name("serving_model.py")
 PACKAGE_DIR = Path(__file__).parent
-# JSON settings over the logged ones where a model is loaded, e.g. '{"precision": "int8"}'.
-SETTINGS_ENV = "GPT2LAB_SERVING_SETTINGS"
 INPUT_EXAMPLE = ["You won $1000! Claim now.", "see you at lunch?"]
 # What `import gpt2lab.inference` needs at serving time (mlflow itself serves the model).
 REQUIREMENTS = ("torch", "numpy", "pandas", "safetensors", "tiktoken", "PyYAML", "requests", "filelock", "tqdm", "mlflow")
@@ -83,6 +84,9 @@ class SpamPyfunc:
             batch_size=int(config.get("batch_size", 32)),
             precision=str(config.get("precision", "fp32")),
             threshold=float(config.get("threshold", 0.5)),
+            # A GPU when the serving machine has one, unless the model config names a device
+            # (log_model(device=...), or model_config={"device": "cpu"} when loading).
+            device=str(config.get("device", "auto")),
         )
 
     # model_input has no annotation on purpose: MLflow would try to derive the signature from it.
@@ -165,6 +169,7 @@ def log_model(
     precision: str = "fp32",
     batch_size: int = 32,
     threshold: float = 0.5,
+    device: str = "auto",
     run_id: str | None = None,
     tracking_uri: str | None = None,
 ) -> Any:
@@ -181,6 +186,8 @@ def log_model(
             artifact (``settings``), not as MLflow's ``model_config``, which MLflow would also log
             as run params beside the pipeline's; :data:`SETTINGS_ENV` overrides them where the
             model is loaded or served.
+        device: where it runs when served: ``auto`` (a GPU when the serving machine has one),
+            ``cpu``, ``cuda``, ``cuda:N``; a setting like the others.
     """
     import mlflow
 
@@ -189,11 +196,15 @@ def log_model(
         base_dir = read_classifier_meta(classifier_dir)["base"]["path"]
     base_dir = Path(base_dir).resolve()
     # Fail here, with gpt2lab's message, rather than inside MLflow's input-example check.
-    Classifier.load(classifier_dir, base_dir, batch_size=batch_size, precision=precision, threshold=threshold)
+    # The precision and device are resolved where it is served; here only their names are checked.
+    if precision not in ("auto", *DTYPES) or not DEVICE_PATTERN.fullmatch(device):
+        allowed = " | ".join(("auto", *DTYPES))
+        raise ClassifierError(f"precision {precision!r} or device {device!r}: allowed: {allowed} and {DEVICES}")
+    Classifier.load(classifier_dir, base_dir, batch_size=batch_size, threshold=threshold, device="cpu")
     artifacts = {"classifier": str(classifier_dir), "base": str(base_dir)}
     if _ranks_path().is_file():
         artifacts["tokenizer"] = str(_ranks_path())
-    settings = {"precision": precision, "batch_size": batch_size, "threshold": threshold}
+    settings = {"precision": precision, "batch_size": batch_size, "threshold": threshold, "device": device}
     previous_uri = mlflow.get_tracking_uri() if tracking_uri else None
     with tempfile.TemporaryDirectory() as tmp:
         code = _copy_package(Path(tmp))

@@ -5,15 +5,22 @@ A :class:`~gpt2lab.errors.Gpt2labError` is a problem the user can fix; it is pri
 machine rather than the code: a full disk, a read-only or forbidden path, wherever in a stage it
 happens (every output is written atomically, so nothing half-written is left). Ctrl-C exits
 130; a reader that goes away (``gpt2lab classify ... | head -1``) ends the output quietly (141).
+
+Under ``torchrun`` (one process of a distributed run) the line also goes to torchrun's error file,
+so the launcher's report of the failure carries it; a process started by the stage's own
+launcher (:data:`LAUNCHED_ENV` set, see :mod:`gpt2lab.distributed`) prints nothing itself: the
+launcher prints the line once for all of them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -21,6 +28,8 @@ from gpt2lab.errors import Gpt2labError
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 VERBOSE_ENV = "GPT2LAB_VERBOSE"  # 1: stages log INFO detail too
+LAUNCHED_ENV = "GPT2LAB_LAUNCHED"  # set for the processes gpt2lab's own launcher starts
+ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # where torchrun reads a failed process's message
 # What a full disk looks like when a library reports it in its own words (safetensors, torch).
 DISK_FULL_SIGNS = ("No space left on device", "StorageFull", "file write failed", "unexpected pos")
 ADVICE = {
@@ -44,15 +53,26 @@ def describe(err: BaseException) -> str | None:
     return None
 
 
+def _report(line: str) -> None:
+    """Print ``line`` on stderr; under torchrun also hand it to the launcher (see the module docstring)."""
+    error_file = os.environ.get(ERROR_FILE_ENV)
+    if error_file and line.startswith("error: "):
+        with contextlib.suppress(OSError):
+            with open(error_file, "w", encoding="utf-8") as f:  # torchrun's format: a message and a time
+                json.dump({"message": line.removeprefix("error: "), "timestamp": int(time.time())}, f)
+    if not os.environ.get(LAUNCHED_ENV):
+        print(line, file=sys.stderr)
+
+
 def run(func: Callable[[], int | None]) -> int:
     """Run ``func``; a :class:`Gpt2labError` or a machine failure becomes ``error: <one line>`` and exit 1."""
     try:
         return func() or 0
     except Gpt2labError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _report(f"error: {err}")
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _report("interrupted")
         return 130
     except BrokenPipeError:
         # The reader left; stdout must not be flushed again at exit (that would print a traceback).
@@ -63,7 +83,7 @@ def run(func: Callable[[], int | None]) -> int:
         line = describe(err)
         if line is None:
             raise
-        print(f"error: {line}", file=sys.stderr)
+        _report(f"error: {line}")
         return 1
 
 

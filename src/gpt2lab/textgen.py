@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gpt2lab.checkpoint import is_pretrained, load_model
-from gpt2lab.devices import DTYPES
+from gpt2lab.devices import DTYPES, describe, resolve_device, resolve_precision
 from gpt2lab.generate import generate, stream
 from gpt2lab.model import GPT2
 from gpt2lab.params import GenerateParams
@@ -45,16 +45,17 @@ def stream_text(
         yield tail
 
 
-def load_generator(model_dir: str | Path, precision: str) -> GPT2:
-    """The language model of ``model_dir`` ready to generate at ``precision`` (``fp32``, ``bf16``, ``int8``).
+def load_generator(model_dir: str | Path, precision: str, device: torch.device | str = "cpu") -> GPT2:
+    """The language model of ``model_dir`` on ``device``, ready to generate at ``precision``
+    (``fp32``, ``bf16``, ``fp16``, ``int8``: resolved, see :func:`gpt2lab.devices.resolve_precision`).
 
-    ``int8`` quantizes every linear weight, the LM head included, for decoding (a few rows per
+    ``int8`` (CPU only) quantizes every linear weight, the LM head included, for decoding (a few rows per
     call; :mod:`gpt2lab.quantize`); the checkpoint on disk stays fp32. On a CPU without the
     int8 kernels it raises :class:`~gpt2lab.quantize.Int8UnsupportedError` before loading.
     """
     if precision == "int8":
         check_int8()
-    model = load_model(model_dir, dtype=DTYPES[precision])
+    model = load_model(model_dir, dtype=DTYPES[precision], device=device)
     if precision == "int8":
         quantize_int8(model, "decode")
     return model
@@ -63,18 +64,21 @@ def load_generator(model_dir: str | Path, precision: str) -> GPT2:
 def generate_samples(model_dir: str | Path, params: GenerateParams, *, progress: bool = False) -> dict[str, Any]:
     """Sample a continuation of every prompt in ``params``; the result of the ``generate`` stage.
 
-    Each prompt is generated alone from a generator seeded with ``params.seed``, so adding a
-    prompt does not change the others. Returns ``{"samples": [...], "tokens_per_s": ...,
-    "pretrained": ..., ...}``; tokens/s counts new tokens over the whole call (prefill included).
+    Each prompt is generated alone from a CPU generator seeded with ``params.seed``, so adding a
+    prompt does not change the others and the model's device does not change the draws. Returns
+    ``{"samples": [...], "tokens_per_s": ..., "pretrained": ..., ...}``; tokens/s counts new
+    tokens over the whole call (prefill included).
     """
-    model = load_generator(model_dir, params.precision)
+    device = resolve_device(params.device, key="generate.device")
+    precision = resolve_precision(params.precision, device, key="generate.precision")
+    model = load_generator(model_dir, precision, device)
     pretrained = is_pretrained(model_dir)
     if not pretrained:
         log.info("%s holds random weights: the samples are noise; fetch pretrained weights for real text", model_dir)
     samples = []
     for prompt in tqdm(params.prompts, desc="generate", unit="prompt", disable=None if progress else True):
         ids = encode(prompt) or [EOT_TOKEN]
-        generator = torch.Generator(device=model.wte.weight.device).manual_seed(params.seed)
+        generator = torch.Generator().manual_seed(params.seed)
         t0 = time.perf_counter()
         (new,) = generate(
             model, [ids], params.max_new_tokens, temperature=params.temperature, top_k=params.top_k,
@@ -96,7 +100,8 @@ def generate_samples(model_dir: str | Path, params: GenerateParams, *, progress:
     return {
         "model_dir": str(model_dir),
         "pretrained": pretrained,
-        "precision": params.precision,
+        "precision": precision,
+        "device": describe(device),
         "num_threads": torch.get_num_threads(),
         "new_tokens": total_tokens,
         "tokens_per_s": round(total_tokens / total_s, 2) if total_s > 0 else 0.0,

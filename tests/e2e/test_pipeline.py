@@ -104,6 +104,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict:
     # The new user's next hour: each next step the smoke run printed, as printed; then `make repro`.
     repo.use_this_venv()
     s["next_steps"] = _run_next_steps(repo, s["smoke"])
+    repo.run("git", "checkout", "params.yaml", "dvc.lock")  # the undo the `dvc exp apply` step names
     s["repro_after_smoke"] = repo.run("make", "repro", check=False)
     repo.run("git", "checkout", "params.yaml", "dvc.lock")
     s["runs_after_smoke"] = set(repo.runs())

@@ -14,7 +14,7 @@ LAYERS = {
     0: ("errors", "fileio", "presets", "params", "stage"),
     1: ("model", "kernels", "quantize", "lora", "generate", "devices"),
     2: ("fetch", "checkpoint", "convert", "weights", "tokenizer", "dataset", "batching"),
-    3: ("classifier", "classifier_io", "inference", "resume", "train", "evaluate", "plots", "textgen"),
+    3: ("classifier", "classifier_io", "inference", "resume", "distributed", "train", "evaluate", "plots", "textgen"),
     4: ("tracking", "serving", "serving_model", "server", "smoke", "export", "cli"),
 }
 LAYER = {name: layer for layer, names in LAYERS.items() for name in names}
