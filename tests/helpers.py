@@ -97,6 +97,7 @@ def log_tiny_classifier(root: Path) -> dict:
     """A tiny classifier logged into a fresh SQLite store under ``root`` (artifacts beside it) as run <id>'s `model`."""
     import mlflow
 
+    from gpt2lab.checkpoint import read_config
     from gpt2lab.inference import Classifier
     from gpt2lab.serving import log_model
 
@@ -107,7 +108,7 @@ def log_tiny_classifier(root: Path) -> dict:
     run_id = client.create_run(experiment).info.run_id
     info = log_model(clf_dir, base, run_id=run_id, tracking_uri=uri)
     return {"root": root, "uri": uri, "run_id": run_id, "info": info, "clf": Classifier.load(clf_dir, base),
-            "dirs": (clf_dir, base)}  # fmt: skip
+            "dirs": (clf_dir, base), "clf_base_sha256": read_config(base)["sha256"]}  # fmt: skip
 
 
 def free_port() -> int:

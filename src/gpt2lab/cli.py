@@ -91,7 +91,6 @@ def _read_messages(path: str) -> list[str]:
 
 
 def _classify(args: argparse.Namespace) -> None:
-    import json
     from pathlib import Path
 
     from gpt2lab.classifier_io import META_FILE, BaseCheckpointMissingError
@@ -100,6 +99,8 @@ def _classify(args: argparse.Namespace) -> None:
     texts = list(args.messages) + (_read_messages(args.file) if args.file else [])
     if not texts:
         raise Gpt2labError("nothing to classify: give messages as arguments, or --file FILE with one per line")
+    if _is_mlflow_uri(args.model):
+        return _classify_logged(args, texts)
     if not (Path(args.model) / META_FILE).is_file():
         raise Gpt2labError(f"no trained classifier at {args.model}; run `make repro` or `make smoke`, or pass --model")
     try:
@@ -107,7 +108,25 @@ def _classify(args: argparse.Namespace) -> None:
                               threshold=args.threshold)  # fmt: skip
     except BaseCheckpointMissingError as err:  # its own wording names the Python argument base_dir=
         raise Gpt2labError(err.message("--base DIR")) from err
-    results = clf.classify(texts)
+    _print_results(args, texts, clf.classify(texts))
+
+
+def _classify_logged(args: argparse.Namespace, texts: list[str]) -> None:
+    """``classify --model runs:/<id>/model`` or ``models:/<name>@<alias>``: the logged model, its base from the store."""
+    import tempfile
+
+    from gpt2lab.inference import Classifier
+
+    with tempfile.TemporaryDirectory() as tmp:
+        classifier, base = _mlflow_model(args.model, tmp)
+        clf = Classifier.load(classifier, args.base or base, batch_size=args.batch_size, precision=args.precision,
+                              threshold=args.threshold)  # fmt: skip
+        _print_results(args, texts, clf.classify(texts))
+
+
+def _print_results(args: argparse.Namespace, texts: list[str], results: list[dict]) -> None:
+    import json
+
     if args.json:
         print(json.dumps(results))
         return
@@ -124,18 +143,28 @@ def _is_mlflow_uri(source: str) -> bool:
 def _mlflow_model(source: str, dst: str) -> tuple[str, str]:
     """(classifier folder, base folder) of an MLflow model URI, downloaded into ``dst``.
 
-    The store is the pipeline's: ``MLFLOW_TRACKING_URI``, else ``tracking.uri``, else the SQLite
-    store at the repository root.
+    The store is the pipeline's, found from any directory: ``MLFLOW_TRACKING_URI``, else the
+    repository's ``tracking.uri``, else the SQLite store at its root.
     """
-    from gpt2lab.params import TrackingParams, load_params
     from gpt2lab.serving import download_model
-    from gpt2lab.tracking import repo_root, resolve_uri
+    from gpt2lab.tracking import project_store
 
-    root = repo_root()
-    params = root / "params.yaml"
-    tracking = load_params(params, sections=["tracking"]).tracking if params.is_file() else TrackingParams()
-    classifier, base = download_model(source, dst, tracking_uri=resolve_uri(tracking, root))
+    uri, _ = project_store()
+    classifier, base = download_model(source, dst, tracking_uri=uri)
     return str(classifier), str(base)
+
+
+def _promote(args: argparse.Namespace) -> None:
+    from gpt2lab.registry import promote, serve_command
+    from gpt2lab.tracking import project_store
+
+    uri, tracking = project_store()
+    version = promote(uri, args.name or tracking.registered_model, args.version, args.alias)
+    alias_uri = f"models:/{version.name}@{args.alias}"
+    facts = ", ".join(f"{k} {version.tags[k]}" for k in ("dvc.exp_name", "test.f1", "test.accuracy")
+                      if k in version.tags)  # fmt: skip
+    print(f"{alias_uri} -> version {version.version} (run {version.run_id}{', ' + facts if facts else ''})")
+    print(f"serve it: {serve_command(uri, alias_uri)}")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -205,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("messages", nargs="*", help="messages to classify (quote each one)")
     p.add_argument("--file", help="also classify each non-blank line of this UTF-8 file ('-': standard input)")
     p.add_argument("--json", action="store_true", help='print [{"label": ..., "probability": ...}, ...] in input order')
-    p.add_argument("--model", default="models/classifier", help="trained classifier folder (default: %(default)s)")
+    p.add_argument("--model", default="models/classifier",
+                   help="trained classifier folder, or an MLflow model URI: models:/gpt2lab-spam@champion, "
+                        "runs:/<run id>/model (default: %(default)s)")  # fmt: skip
     p.add_argument("--base", default=None, metavar="DIR",
                    help="its base checkpoint folder (default: the one it was trained on)")  # fmt: skip
     p.add_argument("--threshold", type=float, default=0.5, help="spam when probability >= it (default: %(default)s)")
@@ -223,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds of work per request; then 504 and the work stops (default: %(default)s)")  # fmt: skip
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("promote", help="point a registered model's alias (champion) at a version, and print it")
+    p.add_argument("version", help="the version number (printed by the track stage; see the MLflow UI's Models tab)")
+    p.add_argument("--alias", default="champion", help="default: %(default)s (serve it as models:/NAME@ALIAS)")
+    p.add_argument("--name", default=None, help="registered model (default: tracking.registered_model)")
+    p.set_defaults(func=_promote)
 
     source_help = "classifier folder, or an MLflow model URI such as runs:/<run id>/model"
     p = sub.add_parser("export", help="write a classifier (or base checkpoint) for transformers or PEFT, exactly")

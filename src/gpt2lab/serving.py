@@ -4,8 +4,11 @@
 
 - the model code ``serving_model.py`` (it calls ``mlflow.models.set_model``) and a copy of the
   ``gpt2lab`` package sources, so the model runs where gpt2lab is not installed;
-- artifacts: the trained classifier folder and its base checkpoint folder (both safetensors
-  plus JSON) and, where it is cached, the GPT-2 BPE ranks file, so serving needs no download;
+- artifacts: the trained classifier folder (adapter, head, their JSON) and, in its model config,
+  a reference to its base checkpoint by sha256: the base is stored once per sha256 in the
+  tracking store with the GPT-2 BPE ranks (:mod:`gpt2lab.basestore`), fetched from there and
+  verified on load, so ten experiments on one base store it once and serving needs no internet
+  (``share_base=False`` embeds the base and the ranks instead);
 - a signature (input column ``text`` string; outputs ``label`` string, ``probability`` double),
   an input example, and pip requirements pinned to the versions installed here.
 
@@ -38,6 +41,7 @@ from typing import Any
 
 import pandas as pd
 
+from gpt2lab.basestore import resolve_base, store_base
 from gpt2lab.classifier_io import META_FILE, read_classifier_meta
 from gpt2lab.errors import Gpt2labError
 from gpt2lab.fileio import write_atomic
@@ -70,9 +74,11 @@ class SpamPyfunc:
         tokenizer = context.artifacts.get("tokenizer")
         if tokenizer:
             _seed_tokenizer_cache(Path(tokenizer))
+        reference = base_reference(config)
+        base = resolve_base(reference) if reference is not None else context.artifacts["base"]
         self.classifier = Classifier.load(
             context.artifacts["classifier"],
-            context.artifacts["base"],
+            base,
             batch_size=int(config.get("batch_size", 32)),
             precision=str(config.get("precision", "fp32")),
             threshold=float(config.get("threshold", 0.5)),
@@ -160,6 +166,7 @@ def log_model(
     threshold: float = 0.5,
     run_id: str | None = None,
     tracking_uri: str | None = None,
+    share_base: bool = True,
 ) -> Any:
     """Log the classifier as an MLflow pyfunc model; returns MLflow's ``ModelInfo``.
 
@@ -171,6 +178,8 @@ def log_model(
         classifier_dir: the trained classifier folder (``models/classifier``).
         base_dir: its base checkpoint; default: the path recorded at training time.
         precision, batch_size, threshold: how the served model classifies (its model config).
+        share_base: store the base checkpoint once per sha256 in the tracking store
+            (:mod:`gpt2lab.basestore`) and log only a reference to it; False embeds a copy.
     """
     import mlflow
 
@@ -180,10 +189,12 @@ def log_model(
     base_dir = Path(base_dir).resolve()
     # Fail here, with gpt2lab's message, rather than inside MLflow's input-example check.
     Classifier.load(classifier_dir, base_dir, batch_size=batch_size, precision=precision, threshold=threshold)
-    artifacts = {"classifier": str(classifier_dir), "base": str(base_dir)}
-    if _ranks_path().is_file():
-        artifacts["tokenizer"] = str(_ranks_path())
-    config = {"precision": precision, "batch_size": batch_size, "threshold": threshold}
+    artifacts = {"classifier": str(classifier_dir)}
+    config: dict[str, Any] = {"precision": precision, "batch_size": batch_size, "threshold": threshold}
+    if not share_base:
+        artifacts["base"] = str(base_dir)
+        if _ranks_path().is_file():
+            artifacts["tokenizer"] = str(_ranks_path())
     previous_uri = mlflow.get_tracking_uri() if tracking_uri else None
     with tempfile.TemporaryDirectory() as tmp:
         code = _copy_package(Path(tmp))
@@ -197,19 +208,53 @@ def log_model(
             input_example=pd.DataFrame({INPUT_COLUMN: INPUT_EXAMPLE}),
             pip_requirements=pip_requirements(),
         )
+
+        def log_in_active_run() -> Any:
+            if share_base:  # the base once per sha256 in the store; the model holds a reference
+                config.update(_base_config(store_base(mlflow.get_tracking_uri(), base_dir, tokenizer=_ranks_path(),
+                                                      artifact_location=_file_artifact_root())))  # fmt: skip
+            return mlflow.pyfunc.log_model(**kwargs)
+
         try:
             if tracking_uri:
                 mlflow.set_tracking_uri(tracking_uri)
             if run_id is not None and (mlflow.active_run() is None or mlflow.active_run().info.run_id != run_id):
                 with mlflow.start_run(run_id=run_id):
-                    info = mlflow.pyfunc.log_model(**kwargs)
+                    info = log_in_active_run()
             else:
-                info = mlflow.pyfunc.log_model(**kwargs)
+                info = log_in_active_run()
         finally:
             if previous_uri is not None:
                 mlflow.set_tracking_uri(previous_uri)
     log.info("logged the classifier as MLflow model %s", info.model_uri)
     return info
+
+
+BASE_KEYS = {"sha256": "base_sha256", "run_id": "base_run_id", "tracking_uri": "base_tracking_uri"}
+
+
+def _base_config(reference: dict[str, str]) -> dict[str, str]:
+    """A base reference as flat model-config entries (``base_sha256``, ``base_run_id``, ``base_tracking_uri``)."""
+    return {key: reference[field] for field, key in BASE_KEYS.items()}
+
+
+def base_reference(config: dict[str, Any]) -> dict[str, str] | None:
+    """The base reference in a model config, or None (a model that embeds its base)."""
+    if not config.get("base_sha256"):
+        return None
+    return {field: str(config.get(key) or "") for field, key in BASE_KEYS.items()}
+
+
+def _file_artifact_root() -> str | None:
+    """The active run's experiment's artifact location when it is a local folder (a SQLite store), else None.
+
+    The bases experiment goes beside it, not into the working directory (a queued experiment's copy).
+    """
+    import mlflow
+
+    run = mlflow.active_run()
+    location = mlflow.get_experiment(run.info.experiment_id).artifact_location if run else None
+    return location if location and location.startswith("file:") else None
 
 
 def download_model(model_uri: str, dst: str | Path, *, tracking_uri: str | None = None) -> tuple[Path, Path]:
@@ -221,14 +266,23 @@ def download_model(model_uri: str, dst: str | Path, *, tracking_uri: str | None 
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    previous_uri = mlflow.get_tracking_uri() if tracking_uri else None
     try:
+        if tracking_uri:  # MLflow resolves part of a runs:/ URI through the global store: never the default one
+            mlflow.set_tracking_uri(tracking_uri)
         local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst), tracking_uri=tracking_uri)
     except (MlflowException, OSError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ModelDownloadError(f"{model_uri}: cannot download the MLflow model ({reason})") from err
+    finally:
+        if previous_uri is not None:
+            mlflow.set_tracking_uri(previous_uri)
     artifacts = Path(local) / "artifacts"
     classifier, base = artifacts / "classifier", artifacts / "base"
     if not (classifier / META_FILE).is_file():
         raise ModelDownloadError(f"{model_uri}: not a gpt2lab classifier model (no artifacts/classifier/{META_FILE})")
     _seed_tokenizer_cache(artifacts / _ranks_path().name)
+    reference = base_reference(mlflow.models.Model.load(str(local)).flavors["python_function"].get("config") or {})
+    if reference is not None:
+        base = resolve_base(reference, tracking_uri)
     return classifier, base
