@@ -77,7 +77,9 @@ def test_a_missing_or_different_base_is_one_error_naming_sha_and_places(two_mode
             resolve_base(reference)
         message = str(err.value)
         assert "\n" not in message and sha in message
-        assert str(cache_path(sha)) in message and f"runs:/{base_run.info.run_id}/base in {two_models['uri']}" in message
+        assert (
+            str(cache_path(sha)) in message and f"runs:/{base_run.info.run_id}/base in {two_models['uri']}" in message
+        )
         assert "corrupted or replaced" in message
 
         shutil.rmtree(stored)
