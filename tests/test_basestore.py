@@ -12,6 +12,7 @@ import pytest
 
 from gpt2lab.basestore import EXPERIMENT, SHA_TAG, BaseNotFoundError, cache_path, resolve_base
 from gpt2lab.checkpoint import read_config
+from gpt2lab.inference import Classifier
 from gpt2lab.serving import log_model
 from tests.helpers import MESSAGES, log_tiny_classifier, make_classifier
 
@@ -101,3 +102,29 @@ def test_share_base_false_embeds_the_base(tmp_path):
     log_model(clf_dir, base, run_id=run_id, tracking_uri=uri, share_base=False)
     assert list((tmp_path / "artifacts").rglob("base/model.safetensors"))
     assert client.get_experiment_by_name(EXPERIMENT) is None
+
+
+def test_through_a_team_server_on_postgres(postgres, tmp_path, monkeypatch):
+    """The same through `mlflow server` on PostgreSQL with proxied artifacts: the base is uploaded once,
+    and a machine with an empty cache gets it back from the server, verified."""
+    from tests.helpers import MlflowServer
+
+    clf_dir, base = make_classifier(tmp_path / "models")
+    with MlflowServer(postgres, tmp_path / "artifacts", tmp_path / "server.log") as server:
+        client = mlflow.MlflowClient(tracking_uri=server.url)
+        experiment = client.create_experiment(f"team-{tmp_path.name}")
+        infos = []
+        for _ in range(2):
+            run_id = client.create_run(experiment).info.run_id
+            infos.append(log_model(clf_dir, base, run_id=run_id, tracking_uri=server.url))
+        sha = read_config(base)["sha256"]
+        stored = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id],
+                                    filter_string=f"tags.`{SHA_TAG}` = '{sha}'")  # fmt: skip
+        assert len(stored) == 1 and stored[0].info.artifact_uri.startswith("mlflow-artifacts:")
+        assert len(list((tmp_path / "artifacts").rglob("model.safetensors"))) == 1, "the base is stored once"
+        monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path / "fresh"))
+        mlflow.set_tracking_uri(server.url)
+        got = mlflow.pyfunc.load_model(infos[1].model_uri).predict(pd.DataFrame({"text": MESSAGES}))
+        assert (cache_path(sha) / "model.safetensors").is_file()
+    want = Classifier.load(clf_dir, base).classify(MESSAGES)
+    assert got.probability.tolist() == pytest.approx([w["probability"] for w in want], rel=1e-6)
