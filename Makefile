@@ -7,8 +7,14 @@ export DO_NOT_TRACK := 1
 # Stage commands say `python`: make it the project's interpreter.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 UI_PORT ?= 5000
+# A team's tracking server (make server): PostgreSQL backend store, artifacts proxied by the server.
+DATABASE_URL ?= postgresql+psycopg2://mlflow@localhost:5432/mlflow
+SERVER_HOST ?= 0.0.0.0
+SERVER_PORT ?= 5000
+SERVER_ARTIFACTS ?= $(CURDIR)/mlartifacts-server
+SERVER_WORKERS ?= 2
 
-.PHONY: setup test repro smoke bench ui
+.PHONY: setup test repro smoke bench ui server
 
 setup: $(VENV)/.installed
 
@@ -44,3 +50,12 @@ ui: setup
 	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT) (the gpt2lab experiment opens on its runs; Ctrl-C stops it)"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --workers 1 --host 127.0.0.1 --port $(UI_PORT) \
 		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db --artifacts-destination $(CURDIR)/mlartifacts
+
+# One MLflow tracking server for a team: runs, metrics and the Model Registry in PostgreSQL, artifacts
+# (models, plots) stored by the server under SERVER_ARTIFACTS and proxied to clients, who set only
+# MLFLOW_TRACKING_URI=http://<host>:$(SERVER_PORT). E.g.
+#   make server DATABASE_URL=postgresql+psycopg2://mlflow:secret@db.example.org:5432/mlflow SERVER_ARTIFACTS=/srv/mlflow
+server: setup
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --workers $(SERVER_WORKERS) \
+		--host $(SERVER_HOST) --port $(SERVER_PORT) --backend-store-uri '$(DATABASE_URL)' \
+		--artifacts-destination $(SERVER_ARTIFACTS) --allowed-hosts '*'

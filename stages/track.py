@@ -31,6 +31,8 @@ FILES = PipelineFiles(
 def main() -> None:
     run = log_pipeline_run(FILES, RECORD)
     print(f"track: MLflow run {run['run_id']} ({run['run_name']}) in {run['tracking_uri']}; model {run['model_uri']}")
+    print(f"track: registered as version {run['model_version']} of {run['registered_model']}; serve it with:")
+    print(f"  {run['serve']}")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import random
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -99,3 +103,50 @@ def train_inputs(tmp_path_factory) -> tuple[Path, Path]:
     make_messages(24, rng).to_csv(data / "validation.csv", index=False)
     base = random_checkpoint(TINY, 3, root / "base")
     return base, data
+
+
+# --------------------------------------------------------------------------- a throwaway PostgreSQL
+
+
+def _initdb() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb")]
+    return Path(found[-1]) if found[-1] else None
+
+
+@pytest.fixture(scope="session")
+def postgres() -> str:
+    """A real PostgreSQL server for this session, on 127.0.0.1 and a free port, in a temporary folder:
+    the SQLAlchemy URL of its empty database ``mlflow``. Skipped when PostgreSQL is not installed,
+    except in CI (``CI=true``), where that fails."""
+    from tests.helpers import free_port
+
+    initdb = _initdb()
+    if initdb is None:
+        why = "PostgreSQL is not installed (no initdb): apt-get install postgresql"
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(why)
+        pytest.skip(why)
+    bindir = initdb.parent
+    folder = Path(tempfile.mkdtemp(prefix="gpt2lab-pg-"))  # not under pytest's 0700 root: the server user reads it
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres system user
+        import pwd
+
+        user = pwd.getpwnam("postgres")
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    data = folder / "data"
+
+    def run(*args: object) -> None:
+        subprocess.run([*as_user, *map(str, args)], check=True, capture_output=True, timeout=120)
+
+    run(bindir / "initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync")
+    run(bindir / "pg_ctl", "-D", data, "-l", folder / "server.log", "-w", "-t", "60", "start",
+        "-o", f"-h 127.0.0.1 -p {port} -k {folder} -c fsync=off")  # fmt: skip
+    try:
+        run(bindir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "mlflow")
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
+    finally:
+        run(bindir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
+        shutil.rmtree(folder, ignore_errors=True)

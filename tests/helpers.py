@@ -97,6 +97,7 @@ def log_tiny_classifier(root: Path) -> dict:
     """A tiny classifier logged into a fresh SQLite store under ``root`` (artifacts beside it) as run <id>'s `model`."""
     import mlflow
 
+    from gpt2lab.checkpoint import read_config
     from gpt2lab.inference import Classifier
     from gpt2lab.serving import log_model
 
@@ -107,7 +108,7 @@ def log_tiny_classifier(root: Path) -> dict:
     run_id = client.create_run(experiment).info.run_id
     info = log_model(clf_dir, base, run_id=run_id, tracking_uri=uri)
     return {"root": root, "uri": uri, "run_id": run_id, "info": info, "clf": Classifier.load(clf_dir, base),
-            "dirs": (clf_dir, base)}  # fmt: skip
+            "dirs": (clf_dir, base), "clf_base_sha256": read_config(base)["sha256"]}  # fmt: skip
 
 
 def free_port() -> int:
@@ -134,3 +135,58 @@ def wait_until_serving(server, url: str, log: Path, timeout_s: float = 180, path
             pass
         assert time.monotonic() < deadline, f"server did not answer {path} in time"
         time.sleep(0.5)
+
+
+class MlflowServer:
+    """``mlflow server`` as a team runs it (``make server``): a database backend store, artifacts proxied
+    by the server from ``artifacts``; light (no job runner). Use as a context manager; ``stop()`` kills it."""
+
+    def __init__(self, backend_uri: str, artifacts: Path, log: Path, workers: int = 2) -> None:
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "mlflow", "server", "--workers", str(workers), "--host", "127.0.0.1",
+                    "--port", str(self.port), "--backend-store-uri", backend_uri,
+                    "--artifacts-destination", str(artifacts)]  # fmt: skip
+        self.log = log
+        self.proc = None
+
+    def __enter__(self) -> MlflowServer:
+        import os
+        import subprocess
+        import time
+
+        import requests
+
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(self.cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + 180
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).ok:
+                    return self
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server did not answer /health in time"
+            time.sleep(1)
+
+    def stop(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -46,6 +46,8 @@ def test_committed_params_are_valid():
         ("train", "batch_size", True, r"train\.batch_size: expected an integer"),
         ("generate", "top_p", 1.5, r"generate\.top_p"),
         ("lora", "targets", "attn", r"lora\.targets: expected a list"),
+        ("tracking", "registered_model", "team/spam@v1", r"tracking\.registered_model: invalid value 'team/spam@v1'"),
+        ("tracking", "registered_model", "", r"tracking\.registered_model: invalid value ''"),
     ],
 )
 def test_bad_values_name_key_and_allowed(section, key, value, message):

@@ -44,10 +44,14 @@ def test_logged_as_code_with_safetensors_weights(store, tmp_path):
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth", ".bin"))], "nothing pickled"
     assert {"serving_model.py", "code/gpt2lab/serving.py", "requirements.txt", "input_example.json"} <= files
     weights = sorted(f for f in files if f.endswith(".safetensors"))
-    assert weights == ["artifacts/base/model.safetensors", "artifacts/classifier/adapter.safetensors",
-                       "artifacts/classifier/head.safetensors"]  # fmt: skip
+    # Only what was trained: the base is stored once per sha256 (gpt2lab.basestore), referenced by its hash.
+    assert weights == ["artifacts/classifier/adapter.safetensors", "artifacts/classifier/head.safetensors"]
+    assert not any(f.endswith(".tiktoken") for f in files)
     meta = mlflow.models.Model.load(str(local / "MLmodel"))
+    settings = json.loads((local / "artifacts" / "settings.json").read_text())  # not MLflow's model config
+    assert settings["base_sha256"] == store["clf_base_sha256"] and settings["base_tracking_uri"] == store["uri"]
     flavor = meta.flavors["python_function"]
+    assert "config" not in flavor  # MLflow would log a model config as run params
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in flavor
     assert meta.signature.inputs.to_dict() == [{"type": "string", "name": "text", "required": True}]
     assert meta.signature.outputs.to_dict() == [

@@ -166,18 +166,16 @@ def _where_models_are() -> str:
 
 def _latest_model_uri() -> str | None:
     """``runs:/<id>/model`` of the newest finished run of the project's MLflow experiment, if any."""
-    from gpt2lab.params import load_params
-    from gpt2lab.tracking import DB_FILE, ENV_URI, repo_root, resolve_uri
+    from gpt2lab.tracking import TrackingError, project_store
 
-    root = repo_root()
-    params = root / "params.yaml"
-    if not params.is_file() or not ((root / DB_FILE).is_file() or ENV_URI in os.environ):
-        return None  # no project here, or no store yet
-    tracking = load_params(params, sections=["tracking"]).tracking
+    try:
+        uri, tracking = project_store()
+    except TrackingError:  # no project here, or no store yet
+        return None
     try:
         import mlflow
 
-        client = mlflow.MlflowClient(resolve_uri(tracking, root))
+        client = mlflow.MlflowClient(uri)
         experiment = client.get_experiment_by_name(tracking.experiment)
         runs = [] if experiment is None else client.search_runs(
             [experiment.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
@@ -194,18 +192,28 @@ def _is_mlflow_uri(source: str) -> bool:
 def _mlflow_model(source: str, dst: str) -> tuple[str, str]:
     """(classifier folder, base folder) of an MLflow model URI, downloaded into ``dst``.
 
-    The store is the pipeline's: ``MLFLOW_TRACKING_URI``, else ``tracking.uri``, else the SQLite
-    store at the repository root.
+    The store is the pipeline's, found from any directory: ``MLFLOW_TRACKING_URI``, else the
+    repository's ``tracking.uri``, else the SQLite store at its root.
     """
-    from gpt2lab.params import TrackingParams, load_params
     from gpt2lab.serving import download_model
-    from gpt2lab.tracking import repo_root, resolve_uri
+    from gpt2lab.tracking import project_store
 
-    root = repo_root()
-    params = root / "params.yaml"
-    tracking = load_params(params, sections=["tracking"]).tracking if params.is_file() else TrackingParams()
-    classifier, base = download_model(source, dst, tracking_uri=resolve_uri(tracking, root))
+    uri, _ = project_store()
+    classifier, base = download_model(source, dst, tracking_uri=uri)
     return str(classifier), str(base)
+
+
+def _promote(args: argparse.Namespace) -> None:
+    from gpt2lab.registry import promote, serve_command
+    from gpt2lab.tracking import project_store
+
+    uri, tracking = project_store()
+    version = promote(uri, args.name or tracking.registered_model, args.version, args.alias)
+    alias_uri = f"models:/{version.name}@{args.alias}"
+    facts = ", ".join(f"{k} {version.tags[k]}" for k in ("dvc.exp_name", "test.f1", "test.accuracy")
+                      if k in version.tags)  # fmt: skip
+    print(f"{alias_uri} -> version {version.version} (run {version.run_id}{', ' + facts if facts else ''})")
+    print(f"serve it: {serve_command(uri, alias_uri)}")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -280,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="also classify each non-blank line of this UTF-8 file ('-': standard input)")
     p.add_argument("--json", action="store_true", help='print [{"label": ..., "spam_probability": ...}, ...] in input order')
     p.add_argument("--model", default="models/classifier",
-                   help="trained classifier folder, or an MLflow model: runs:/<run id>/model, models:/<name>@<alias> "
-                        "(default: %(default)s)")  # fmt: skip
+                   help="trained classifier folder, or an MLflow model: runs:/<run id>/model, "
+                        "models:/gpt2lab-spam@champion (default: %(default)s)")  # fmt: skip
     p.add_argument("--base", default=None, metavar="DIR",
                    help="its base checkpoint folder (default: the one it was trained on)")  # fmt: skip
     p.add_argument("--threshold", type=float, default=0.5, help="spam when probability >= it (default: %(default)s)")
@@ -305,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, metavar="DEVICE",
                    help=f"{DEVICES} (default: the logged one: auto = CUDA when present)")  # fmt: skip
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("promote", help="point a registered model's alias (champion) at a version, and print it")
+    p.add_argument("version", help="the version number (printed by the track stage; see the MLflow UI's Models tab)")
+    p.add_argument("--alias", default="champion", help="default: %(default)s (serve it as models:/NAME@ALIAS)")
+    p.add_argument("--name", default=None, help="registered model (default: tracking.registered_model)")
+    p.set_defaults(func=_promote)
 
     source_help = "classifier folder, or an MLflow model URI such as runs:/<run id>/model"
     p = sub.add_parser("export", help="write a classifier (or base checkpoint) for transformers or PEFT, exactly")

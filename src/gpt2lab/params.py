@@ -40,6 +40,7 @@ SMS_SOURCES = (
     "SMSSpamCollection.tsv",
 )
 SMS_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"  # of SMSSpamCollection.tsv
+REGISTERED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # safe inside a models:/ URI
 MAX_SEED = 2**32 - 1  # numpy's limit (pandas' random_state); torch takes any of these too
 SEED_RANGE = f"an integer from 0 to {MAX_SEED}"
 MAX_TIMEOUT_S = 86400.0  # a day; sockets refuse timeouts past ~292 years with a traceback
@@ -322,9 +323,13 @@ class TrackingParams:
     uri: str | None = None
     experiment: str = "gpt2lab"
     fallback_local: bool = False
+    registered_model: str = "gpt2lab-spam"  # each training run's classifier is a new version of it
 
     def validate(self, section: str) -> None:
         _require(bool(self.experiment), f"{section}.experiment", "a non-empty experiment name", self.experiment)
+        _require(bool(REGISTERED_NAME.fullmatch(self.registered_model)), f"{section}.registered_model",
+                 "a model name of letters, digits, '-', '_' and '.' (it is used in models:/NAME@ALIAS)",
+                 self.registered_model)  # fmt: skip
 
 
 SECTIONS: dict[str, type] = {

@@ -4,8 +4,12 @@
 
 - the model code ``serving_model.py`` (it calls ``mlflow.models.set_model``) and a copy of the
   ``gpt2lab`` package sources, so the model runs where gpt2lab is not installed;
-- artifacts: the trained classifier folder and its base checkpoint folder (both safetensors
-  plus JSON) and, where it is cached, the GPT-2 BPE ranks file, so serving needs no download;
+- artifacts: the trained classifier folder (adapter, head, their JSON), its settings
+  (``settings.json``: precision, batch size, threshold, device) and a reference to its base
+  checkpoint by sha256: the base is stored once per sha256 in the tracking store with the GPT-2
+  BPE ranks (:mod:`gpt2lab.basestore`), fetched from there and verified on load, so ten
+  experiments on one base store it once and serving needs no internet (``share_base=False``
+  embeds the base and the ranks instead);
 - a signature (input column ``text`` string; outputs ``label`` string, ``spam_probability`` double),
   an input example, and pip requirements pinned to the versions installed here.
 
@@ -40,6 +44,7 @@ from typing import Any
 import pandas as pd
 
 from gpt2lab.classifier import ClassifierError
+from gpt2lab.basestore import resolve_base, store_base
 from gpt2lab.classifier_io import META_FILE, read_classifier_meta
 from gpt2lab.devices import DTYPES
 from gpt2lab.errors import Gpt2labError
@@ -78,15 +83,15 @@ class SpamPyfunc:
         tokenizer = context.artifacts.get("tokenizer")
         if tokenizer:
             _seed_tokenizer_cache(Path(tokenizer))
+        reference = base_reference(config)
+        base = resolve_base(reference) if reference is not None else context.artifacts["base"]
         self.classifier = Classifier.load(
             context.artifacts["classifier"],
-            context.artifacts["base"],
+            base,
             batch_size=int(config.get("batch_size", 32)),
             precision=str(config.get("precision", "fp32")),
             threshold=float(config.get("threshold", 0.5)),
-            # A GPU when the serving machine has one, unless the model config names a device
-            # (log_model(device=...), or model_config={"device": "cpu"} when loading).
-            device=str(config.get("device", "auto")),
+            device=str(config.get("device", "auto")),  # auto: a GPU when the serving machine has one
         )
 
     # model_input has no annotation on purpose: MLflow would try to derive the signature from it.
@@ -172,6 +177,7 @@ def log_model(
     device: str = "auto",
     run_id: str | None = None,
     tracking_uri: str | None = None,
+    share_base: bool = True,
 ) -> Any:
     """Log the classifier as an MLflow pyfunc model; returns MLflow's ``ModelInfo``.
 
@@ -188,6 +194,8 @@ def log_model(
             model is loaded or served.
         device: where it runs when served: ``auto`` (a GPU when the serving machine has one),
             ``cpu``, ``cuda``, ``cuda:N``; a setting like the others.
+        share_base: store the base checkpoint once per sha256 in the tracking store
+            (:mod:`gpt2lab.basestore`) and put only a reference to it in the settings; False embeds a copy.
     """
     import mlflow
 
@@ -201,14 +209,17 @@ def log_model(
         allowed = " | ".join(("auto", *DTYPES))
         raise ClassifierError(f"precision {precision!r} or device {device!r}: allowed: {allowed} and {DEVICES}")
     Classifier.load(classifier_dir, base_dir, batch_size=batch_size, threshold=threshold, device="cpu")
-    artifacts = {"classifier": str(classifier_dir), "base": str(base_dir)}
-    if _ranks_path().is_file():
-        artifacts["tokenizer"] = str(_ranks_path())
-    settings = {"precision": precision, "batch_size": batch_size, "threshold": threshold, "device": device}
+    artifacts = {"classifier": str(classifier_dir)}
+    settings: dict[str, Any] = {"precision": precision, "batch_size": batch_size, "threshold": threshold,
+                                "device": device}  # fmt: skip
+    if not share_base:
+        artifacts["base"] = str(base_dir)
+        if _ranks_path().is_file():
+            artifacts["tokenizer"] = str(_ranks_path())
     previous_uri = mlflow.get_tracking_uri() if tracking_uri else None
     with tempfile.TemporaryDirectory() as tmp:
         code = _copy_package(Path(tmp))
-        artifacts["settings"] = str(write_atomic(Path(tmp) / "settings.json", json.dumps(settings) + "\n"))
+        artifacts["settings"] = str(Path(tmp) / "settings.json")
         kwargs = dict(
             name=name,
             python_model=str(MODEL_CODE),
@@ -218,19 +229,54 @@ def log_model(
             input_example=pd.DataFrame({INPUT_COLUMN: INPUT_EXAMPLE}),
             pip_requirements=pip_requirements(),
         )
+
+        def log_in_active_run() -> Any:
+            if share_base:  # the base once per sha256 in the store; the model holds a reference
+                settings.update(_base_config(store_base(mlflow.get_tracking_uri(), base_dir, tokenizer=_ranks_path(),
+                                                        artifact_location=_file_artifact_root())))  # fmt: skip
+            write_atomic(artifacts["settings"], json.dumps(settings) + "\n")
+            return mlflow.pyfunc.log_model(**kwargs)
+
         try:
             if tracking_uri:
                 mlflow.set_tracking_uri(tracking_uri)
             if run_id is not None and (mlflow.active_run() is None or mlflow.active_run().info.run_id != run_id):
                 with mlflow.start_run(run_id=run_id):
-                    info = mlflow.pyfunc.log_model(**kwargs)
+                    info = log_in_active_run()
             else:
-                info = mlflow.pyfunc.log_model(**kwargs)
+                info = log_in_active_run()
         finally:
             if previous_uri is not None:
                 mlflow.set_tracking_uri(previous_uri)
     log.info("logged the classifier as MLflow model %s", info.model_uri)
     return info
+
+
+BASE_KEYS = {"sha256": "base_sha256", "run_id": "base_run_id", "tracking_uri": "base_tracking_uri"}
+
+
+def _base_config(reference: dict[str, str]) -> dict[str, str]:
+    """A base reference as flat settings entries (``base_sha256``, ``base_run_id``, ``base_tracking_uri``)."""
+    return {key: reference[field] for field, key in BASE_KEYS.items()}
+
+
+def base_reference(config: dict[str, Any]) -> dict[str, str] | None:
+    """The base reference in a model's settings, or None (a model that embeds its base)."""
+    if not config.get("base_sha256"):
+        return None
+    return {field: str(config.get(key) or "") for field, key in BASE_KEYS.items()}
+
+
+def _file_artifact_root() -> str | None:
+    """The active run's experiment's artifact location when it is a local folder (a SQLite store), else None.
+
+    The bases experiment goes beside it, not into the working directory (a queued experiment's copy).
+    """
+    import mlflow
+
+    run = mlflow.active_run()
+    location = mlflow.get_experiment(run.info.experiment_id).artifact_location if run else None
+    return location if location and location.startswith("file:") else None
 
 
 def download_model(model_uri: str, dst: str | Path, *, tracking_uri: str | None = None) -> tuple[Path, Path]:
@@ -242,14 +288,24 @@ def download_model(model_uri: str, dst: str | Path, *, tracking_uri: str | None 
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    previous_uri = mlflow.get_tracking_uri() if tracking_uri else None
     try:
+        if tracking_uri:  # MLflow resolves part of a runs:/ URI through the global store: never the default one
+            mlflow.set_tracking_uri(tracking_uri)
         local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst), tracking_uri=tracking_uri)
     except (MlflowException, OSError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ModelDownloadError(f"{model_uri}: cannot download the MLflow model ({reason})") from err
+    finally:
+        if previous_uri is not None:
+            mlflow.set_tracking_uri(previous_uri)
     artifacts = Path(local) / "artifacts"
     classifier, base = artifacts / "classifier", artifacts / "base"
     if not (classifier / META_FILE).is_file():
         raise ModelDownloadError(f"{model_uri}: not a gpt2lab classifier model (no artifacts/classifier/{META_FILE})")
     _seed_tokenizer_cache(artifacts / _ranks_path().name)
+    settings = artifacts / "settings.json"
+    reference = base_reference(json.loads(settings.read_text()) if settings.is_file() else {})
+    if reference is not None:
+        base = resolve_base(reference, tracking_uri)
     return classifier, base

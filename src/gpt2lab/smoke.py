@@ -180,6 +180,9 @@ def next_steps(name: str, record: Mapping[str, Any] | None) -> str:
             f"  gpt2lab serve {model}    # POST http://127.0.0.1:5001/invocations; Ctrl-C stops it",
             f"  make ui    # the MLflow UI; this run: {url}",
         ]
+        if record.get("model_version"):
+            lines.append(f"  gpt2lab promote {record['model_version']}    # alias champion: "
+                         f"models:/{record['registered_model']}@champion")  # fmt: skip
     lines += [
         "  dvc exp show --only-changed    # compare experiments (dvc exp diff: two of them)",
         f"  dvc exp apply {name}    # its params and outputs into the workspace (undo: git checkout params.yaml dvc.lock)",

@@ -48,6 +48,7 @@ from gpt2lab.checkpoint import read_config
 from gpt2lab.errors import Gpt2labError
 from gpt2lab.fileio import write_atomic
 from gpt2lab.params import Params, ParamsError, TrackingParams, flatten, load_params
+from gpt2lab.registry import Version, register, serve_command
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +260,7 @@ class RunLogger:
 
     def __init__(self, client: Any, run_id: str, store: Store) -> None:
         self.client, self.run_id, self.store = client, run_id, store
+        self.model: Any = None  # MLflow's ModelInfo of the logged classifier
 
     def log_params(self, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
@@ -464,6 +466,7 @@ def _log_all(run: RunLogger, raw: Mapping[str, Any], files: PipelineFiles, param
         for path in paths:
             run.log_artifact(path, folder)
     info = log_model(files.classifier_dir, files.base_dir, run_id=run.run_id, tracking_uri=run.store.uri)
+    run.model = info
     return info.model_uri
 
 
@@ -486,7 +489,9 @@ def log_pipeline_run(files: PipelineFiles, record: str | Path, params_file: str 
             experiment_id = _experiment_id(client, tracking.experiment, store)
             _close_abandoned_runs(client, experiment_id)
             run_id = client.create_run(experiment_id, run_name=name, tags=_run_tags(workdir, files, store)).info.run_id
-            model_uri = _log_everything(RunLogger(client, run_id, store), raw, files, params_file)
+            run = RunLogger(client, run_id, store)
+            model_uri = _log_everything(run, raw, files, params_file)
+            version = register_run_model(run, tracking.registered_model, files)
             client.set_terminated(run_id, status="FINISHED")
     except TrackingError:
         raise
@@ -507,7 +512,57 @@ def log_pipeline_run(files: PipelineFiles, record: str | Path, params_file: str 
                 client.set_terminated(run_id, status="KILLED")
         raise
     result = {"run_id": run_id, "experiment_id": experiment_id, "run_name": name, "tracking_uri": store.uri,
-              "model_uri": model_uri}  # fmt: skip
+              "model_uri": model_uri, "registered_model": version.name, "model_version": version.version,
+              "serve": serve_command(store.uri, version.uri)}  # fmt: skip
     write_atomic(record, json.dumps(result, indent=2) + "\n")
     log.info("logged MLflow run %s (%s) in %s", run_id, name, store.uri)
     return result
+
+
+# --------------------------------------------------------------------------- registry, and the store from anywhere
+
+
+def register_run_model(run: RunLogger, name: str, files: PipelineFiles) -> Version:
+    """Register the run's logged classifier as a new version of ``name``, tagged with what tells versions apart:
+    test metrics, DVC experiment name, git commit, base sha256 and whether it was pretrained."""
+    tags = run.client.get_run(run.run_id).data.tags
+    base = read_config(files.base_dir)
+    version_tags = {f"test.{k}": v for k, v in numeric(split_scores(files).get("test", {})).items()}
+    version_tags.update({"dvc.exp_name": tags.get(EXP_NAME_TAG, run.client.get_run(run.run_id).info.run_name),
+                         "git.commit": tags.get(COMMIT_TAG, "unknown"), "base.sha256": base["sha256"],
+                         "base.pretrained": str(bool(base.get("pretrained", False))).lower()})  # fmt: skip
+    return register(run.store.uri, name, run.model, run.run_id, version_tags)
+
+
+def find_repo_root(start: Path | None = None) -> Path | None:
+    """The DVC repository holding ``start`` (default: the working directory): ``DVC_ROOT``, or the
+    nearest folder upwards with a ``.dvc`` folder; None outside any."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = (start or Path.cwd()).resolve()
+    return next((folder for folder in (here, *here.parents) if (folder / ".dvc").is_dir()), None)
+
+
+def project_store(start: Path | None = None) -> tuple[str, TrackingParams]:
+    """The project's tracking URI and tracking params, from any directory, for reading runs and models.
+
+    ``MLFLOW_TRACKING_URI`` wins; else the repository's ``tracking.uri`` or its SQLite store. Outside a
+    repository without ``MLFLOW_TRACKING_URI``, or with no store yet, a :class:`TrackingError` says so
+    (no stray ``mlflow.db`` is created where the command happens to run).
+    """
+    root = find_repo_root(start)
+    params_file = root / PARAMS_FILE if root is not None else None
+    tracking = (load_params(params_file, sections=["tracking"]).tracking if params_file and params_file.is_file()
+                else TrackingParams())  # fmt: skip
+    if os.environ.get(ENV_URI):
+        return os.environ[ENV_URI], tracking
+    if root is None:
+        raise TrackingError(
+            f"no MLflow tracking store: {Path.cwd()} is not inside a gpt2lab repository (no .dvc folder here or "
+            f"above) and {ENV_URI} is not set; run from the repository, or export {ENV_URI}=<its store>"
+        )
+    uri = resolve_uri(tracking, root)
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise TrackingError(f"no MLflow store at {db} yet: run the pipeline first (`make smoke` or `dvc repro`)")
+    return uri, tracking

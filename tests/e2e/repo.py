@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,6 +91,27 @@ class Repo:
         client = mlflow.MlflowClient(f"sqlite:///{self.db}")
         exp = client.get_experiment_by_name("gpt2lab")
         return {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+
+
+QUEUE_TIMEOUT_S = 900
+
+
+def wait_for_queue(repo: Repo, names: tuple[str, ...]) -> dict[str, str]:
+    """Poll ``dvc queue status`` until the named experiments succeeded or failed; their states."""
+    deadline = time.monotonic() + QUEUE_TIMEOUT_S
+    while True:
+        table = repo.dvc("queue", "status").stdout
+        status = {n: s for n, s in re.findall(r"^\w+\s+(\S+)\s+.*?\s(Queued|Running|Success|Failed)\s*$", table, re.M)}
+        if all(status.get(n) in ("Success", "Failed") for n in names) or time.monotonic() > deadline:
+            return status
+        time.sleep(5)
+
+
+def start_queue(repo: Repo, jobs: int = 2) -> None:
+    """``dvc queue start -j N``; the workers it leaves running must not hold this process's pipes: no capture."""
+    started = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=repo.root,
+                             env=repo.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)  # fmt: skip
+    assert started.returncode == 0
 
 
 def executed(out: str) -> set[str]:

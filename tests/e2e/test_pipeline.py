@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.repo import IMPORT_HOOK, Repo, clone, executed
+from tests.e2e.repo import IMPORT_HOOK, Repo, clone, executed, start_queue, wait_for_queue
 from tests.helpers import wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,18 +30,6 @@ MODEL_STAGES = {name for name, stage in DVC_YAML["stages"].items() if "src/gpt2l
 
 
 # --------------------------------------------------------------------------- end to end
-
-QUEUE_TIMEOUT_S = 900
-
-
-def _wait_for_queue(repo: Repo, names: tuple[str, ...]) -> dict[str, str]:
-    deadline = time.monotonic() + QUEUE_TIMEOUT_S
-    while True:
-        table = repo.dvc("queue", "status").stdout
-        status = {n: s for n, s in re.findall(r"^\w+\s+(\S+)\s+.*?\s(Queued|Running|Success|Failed)\s*$", table, re.M)}
-        if all(status.get(n) in ("Success", "Failed") for n in names) or time.monotonic() > deadline:
-            return status
-        time.sleep(5)
 
 
 def _run_next_steps(repo: Repo, smoke_output: str) -> dict[str, tuple[int, str]]:
@@ -148,12 +136,9 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict:
     repo.run("git", "commit", "-qm", "smoke profile, rank 4")
     for rank in (2, 8):
         repo.dvc("exp", "run", "--queue", "-S", f"lora.rank={rank}", "-n", f"q-rank{rank}")
-    # The workers `queue start` leaves running must not hold this process's pipes: no capture.
-    started = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=repo.root, env=repo.env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)  # fmt: skip
-    assert started.returncode == 0
+    start_queue(repo)
     try:
-        s["queue"] = _wait_for_queue(repo, ("q-rank2", "q-rank8"))
+        s["queue"] = wait_for_queue(repo, ("q-rank2", "q-rank8"))
         s["queue_logs"] = {n: repo.dvc("queue", "logs", n, check=False).stdout for n in ("q-rank2", "q-rank8")}
     finally:
         repo.dvc("queue", "stop", "--kill", check=False)  # an idle worker would otherwise outlive the test
@@ -174,8 +159,9 @@ def test_offline_repro_stops_with_one_clear_line(scenario: dict) -> None:
 def test_each_next_step_the_smoke_run_prints_works_as_printed(scenario: dict) -> None:
     steps = scenario["next_steps"]
     kinds = {" ".join(command.split()[:2]) for command in steps}
-    assert {"gpt2lab classify", "gpt2lab generate", "gpt2lab serve", "make ui", "dvc exp"} <= kinds, steps
-    assert all("runs:/" in c for c in steps if c.startswith("gpt2lab")), steps  # the experiment's MLflow model
+    assert {"gpt2lab classify", "gpt2lab generate", "gpt2lab serve", "gpt2lab promote", "make ui", "dvc exp"} <= kinds
+    uses_model = [c for c in steps if c.startswith(("gpt2lab classify", "gpt2lab generate", "gpt2lab serve"))]
+    assert all("runs:/" in c for c in uses_model), steps  # the experiment's MLflow model
     for command, (code, output) in steps.items():
         assert code == 0, f"{command}:\n{output[-3000:]}"
     (classified,) = [out for c, (_, out) in steps.items() if c.startswith("gpt2lab classify")]

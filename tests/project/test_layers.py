@@ -15,7 +15,7 @@ LAYERS = {
     1: ("model", "kernels", "quantize", "lora", "generate", "devices"),
     2: ("fetch", "checkpoint", "convert", "weights", "tokenizer", "dataset", "batching"),
     3: ("classifier", "classifier_io", "inference", "resume", "distributed", "train", "evaluate", "plots", "textgen"),
-    4: ("tracking", "serving", "serving_model", "server", "smoke", "export", "cli"),
+    4: ("tracking", "registry", "basestore", "serving", "serving_model", "server", "smoke", "export", "cli"),
 }
 LAYER = {name: layer for layer, names in LAYERS.items() for name in names}
 MODULES = sorted(p.stem for p in PKG.glob("*.py") if p.stem != "__init__")
