@@ -184,7 +184,7 @@ def next_steps(name: str, record: Mapping[str, Any] | None) -> str:
             lines.append(f"  gpt2lab promote {record['model_version']}    # alias champion: "
                          f"models:/{record['registered_model']}@champion")  # fmt: skip
     lines += [
-        "  dvc exp show --only-changed    # compare experiments (dvc exp diff: two of them)",
+        "  dvc exp show --only-changed --drop 'src/|stages/|data/|models/|metrics$'    # compare (dvc exp diff: two)",
         f"  dvc exp apply {name}    # its params and outputs into the workspace (undo: git checkout params.yaml dvc.lock)",
     ]
     return "\n".join(lines)
