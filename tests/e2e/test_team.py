@@ -127,7 +127,7 @@ def test_every_run_metric_artifact_and_model_lands_on_the_server(team: dict) -> 
     for name in ("team-smoke", *QUEUED):
         run = runs[name]
         assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
-        assert {"eval/test.accuracy", "generate/tokens_per_s", "val_loss", "step/loss"} <= set(run.data.metrics)
+        assert {"test/accuracy", "generation/tokens_per_s", "loss/val", "step/loss"} <= set(run.data.metrics)
         assert {"metrics", "plots", "params.yaml"} <= team["artifacts"][name]
         assert run.info.run_id in {m.source_run_id for m in team["models"]}
     assert (runs["q-rank2"].data.params["lora.rank"], runs["q-rank8"].data.params["lora.rank"]) == ("2", "8")
