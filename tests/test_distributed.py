@@ -227,7 +227,8 @@ def _wait_for_checkpoint(proc: subprocess.Popen, root: Path, min_step: int) -> i
 def _result(root: Path) -> dict:
     return {
         "steps": pd.read_csv(root / STEPS, sep="\t"),
-        "metrics": json.loads((root / "metrics/train.json").read_text()),
+        "metrics": {**json.loads((root / "metrics/train_details.json").read_text()),
+                    **json.loads((root / "metrics/train.json").read_text())},  # fmt: skip
         "adapter": load_file(str(root / "models/classifier" / ADAPTER_FILE)),
         "head": load_file(str(root / "models/classifier/head.safetensors")),
     }
