@@ -56,7 +56,7 @@ def test_labels_follow_the_threshold_and_both_occur(clf, saved):
     assert set(labels) == {"spam", "ham"}, "the fixture should produce both labels"
     strict = Classifier.load(saved[0], saved[1], threshold=float(np.sort(probs)[-1]))
     assert strict.predict(MESSAGES).count("spam") == 1
-    assert clf.classify(MESSAGES) == [{"label": lab, "probability": float(p)} for lab, p in zip(labels, probs)]
+    assert clf.classify(MESSAGES) == [{"label": lab, "spam_probability": float(p)} for lab, p in zip(labels, probs)]
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3, 64])
