@@ -86,14 +86,9 @@ def repo_root() -> Path:
 
     DVC sets ``DVC_ROOT`` to the original repository also for ``--temp``/``--queue`` experiments,
     which run in a copy under ``.dvc/tmp/exps/``; a path relative to the copy would be lost with it.
+    Outside any repository: the working directory (:func:`find_repo_root` says None instead).
     """
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
-    cwd = Path.cwd().resolve()
-    for folder in (cwd, *cwd.parents):
-        if (folder / ".dvc").is_dir():
-            return folder
-    return cwd
+    return find_repo_root() or Path.cwd().resolve()
 
 
 def local_store_uri(root: Path) -> str:
