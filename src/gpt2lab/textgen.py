@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 
 from gpt2lab.checkpoint import is_pretrained, load_model
 from gpt2lab.devices import DTYPES, describe, resolve_device, resolve_precision
+from gpt2lab.fileio import write_atomic
 from gpt2lab.generate import generate, stream
 from gpt2lab.model import GPT2
 from gpt2lab.params import GenerateParams
@@ -107,3 +109,9 @@ def generate_samples(model_dir: str | Path, params: GenerateParams, *, progress:
         "tokens_per_s": round(total_tokens / total_s, 2) if total_s > 0 else 0.0,
         "samples": samples,
     }
+
+
+def write_outputs(result: dict[str, Any], metrics_file: str | Path, samples_file: str | Path) -> list[Path]:
+    """The ``generate`` stage's files: tokens/s alone (its DVC metric) and the whole result with the samples."""
+    return [write_atomic(metrics_file, json.dumps({"tokens_per_s": result["tokens_per_s"]}, indent=2) + "\n"),
+            write_atomic(samples_file, json.dumps(result, indent=2) + "\n")]  # fmt: skip
