@@ -10,14 +10,25 @@
 They are optional bench dependencies (``pip install -e .[bench]``); :func:`missing` names the
 ones not installed so a benchmark can print a note and skip them. Nothing here is used by the
 library, the pipeline or the tests.
+
+Each engine runs in a process of its own (:class:`Isolated`): engines bring their own thread
+pools and OpenMP runtime (CTranslate2 bundles a second libgomp), and sharing a process lets one
+slow the next. Measured here (2 cores, 2 threads): after one CTranslate2 int8 call, torch's
+two-thread matmuls in the same process ran 1.4-2.2x slower for the rest of the process (fbgemm
+int8 GEMV 95 -> 210 us), which cut gpt2lab's int8 decoding from ~62 to ~39 tok/s.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import multiprocessing
+import time
 import warnings
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +50,60 @@ def skip_note(engine: str) -> str | None:
     """A one-line note when ``engine`` cannot run here, else None."""
     absent = missing(engine)
     return f"{engine} skipped: {', '.join(absent)} not installed (pip install -e .[bench])" if absent else None
+
+
+class Isolated:
+    """``factory(*args)`` built and called in a spawned process of its own; ``timed`` calls a method there.
+
+    The process sits idle between calls (blocked on its pipe), so timings interleave fairly with
+    the others'; it exits with :meth:`close` or with the benchmark.
+    """
+
+    def __init__(self, factory: Callable[..., Any], *args: Any):
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no state shared with ours
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, factory, args), daemon=True)
+        self._process.start()
+        child.close()
+        self._reply()  # built (or its error raised here)
+
+    def timed(self, method: str, *args: Any) -> tuple[float, Any]:
+        """(seconds the call took inside the engine's process, its result)."""
+        self._conn.send((method, args))
+        return self._reply()
+
+    def _reply(self) -> Any:
+        ok, value = self._conn.recv()
+        if not ok:
+            raise RuntimeError(f"engine process failed: {value}")
+        return value
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self._process.join(timeout=30)
+
+
+def _serve(conn: Connection, factory: Callable[..., Any], args: tuple) -> None:
+    try:
+        engine = factory(*args)
+        conn.send((True, None))
+    except Exception as e:  # reported in the benchmark's process
+        conn.send((False, repr(e)))
+        return
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:  # the benchmark has exited
+            return
+        if request is None:
+            return
+        method, method_args = request
+        try:
+            t0 = time.perf_counter()
+            result = getattr(engine, method)(*method_args)
+            conn.send((True, (time.perf_counter() - t0, result)))
+        except Exception as e:
+            conn.send((False, repr(e)))
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -190,13 +255,34 @@ def ort_export_classifier(hf_classifier: nn.Module, folder: Path) -> Path:
     return _export(Logits(hf_classifier), (ids, mask), folder / "classifier.onnx", (["ids", "mask"], ["logits"]), axes)
 
 
-class ORTClassifier:
-    """Spam probabilities from an exported classifier: ids (B, T) padded on the right, mask (B, T)."""
+class _Classifier:
+    def spam_probability(self, batch: list[list[int]]) -> np.ndarray:
+        raise NotImplementedError
 
-    def __init__(self, path: Path, threads: int):
-        self.session = _session(path, threads)
+    def split(self, batches: list[list[list[int]]]) -> np.ndarray:
+        """Spam probabilities of every message of ``batches``, in their order (one call: timed as one)."""
+        return np.concatenate([self.spam_probability(b) for b in batches])
 
-    def spam_probability(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+
+def padded(batch: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ids (B, T) right-padded with ``pad``, and the attention mask (B, T), int64."""
+    width = max(map(len, batch))
+    ids = np.full((len(batch), width), pad, dtype=np.int64)
+    mask = np.zeros((len(batch), width), dtype=np.int64)
+    for r, seq in enumerate(batch):
+        ids[r, : len(seq)], mask[r, : len(seq)] = seq, 1
+    return ids, mask
+
+
+class ORTClassifier(_Classifier):
+    """Spam probabilities from an exported classifier, fed ids padded on the right with ``pad`` and a mask."""
+
+    def __init__(self, path: Path, threads: int, pad: int):
+        self.session, self.pad = _session(path, threads), pad
+
+    def spam_probability(self, batch: list[list[int]]) -> np.ndarray:
+        """``batch``: token ids of each message (any lengths) -> spam probability (B,)."""
+        ids, mask = padded(batch, self.pad)
         (logits,) = self.session.run(None, {"ids": ids, "mask": mask})
         e = np.exp(logits - logits.max(-1, keepdims=True))
         return (e / e.sum(-1, keepdims=True))[:, 1]
@@ -222,7 +308,7 @@ def ct2_convert_classifier(hf_classifier: nn.Module, hf_folder: Path, out: Path)
     return out
 
 
-class CT2Classifier:
+class CT2Classifier(_Classifier):
     """Spam probabilities from :func:`ct2_convert_classifier`'s model (``compute_type``: ``float32`` or ``int8``)."""
 
     def __init__(self, folder: Path, compute_type: str, threads: int):

@@ -92,7 +92,7 @@ def test_emoji_and_other_scripts(clf):
     assert np.isfinite(probs).all()
     assert probs[0] == pytest.approx(one_by_one(clf, encode("😀😂🎉")), rel=1e-5)
     # A lone surrogate cannot be UTF-8: it is read as U+FFFD, the replacement character.
-    assert probs[-1] == pytest.approx(clf.predict_proba(["\ufffd lone surrogate"])[0], rel=1e-6)
+    assert probs[-1] == pytest.approx(clf.predict_proba(["\ufffd lone surrogate"])[0], rel=1e-5)  # batch vs alone
 
 
 @pytest.mark.parametrize(

@@ -85,6 +85,34 @@ def test_key_mask_ignores_left_padding(tiny_model):
     assert torch.isfinite(out).all()
 
 
+def test_hidden_states_at_positions_equal_the_full_pass(tiny_model):
+    """``at``: the last block runs its attention output and MLP for one position per row; the
+    states there, and the gradients reaching every weight, equal the full pass's."""
+    idx = torch.randint(0, 1000, (3, 10), generator=torch.Generator().manual_seed(5))
+    at = torch.tensor([9, 0, 4])
+    rows = torch.arange(3)
+    full = tiny_model.hidden_states(idx)[rows, at]
+    part = tiny_model.hidden_states(idx, at=at)
+    assert part.shape == (3, tiny_model.config.n_embd)
+    assert _max_diff(part, full) < 1e-5
+    grads = []
+    for out in (full, part):
+        tiny_model.zero_grad()
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert max(_max_diff(grads[0][n], grads[1][n]) for n in grads[0]) < 1e-5
+    key_mask = torch.ones(3, 10, dtype=torch.bool)
+    key_mask[:, :2] = False  # left padding: the mask still applies with ``at``
+    pos = torch.clamp(torch.arange(10) - 2, min=0)[None].expand(3, -1)
+    with torch.no_grad():
+        full = tiny_model.hidden_states(idx, pos=pos, key_mask=key_mask)[rows, at]
+        part = tiny_model.hidden_states(idx, pos=pos, key_mask=key_mask, at=at)
+    assert _max_diff(part, full) < 1e-5
+    with pytest.raises(ValueError, match="without a KV cache"):
+        tiny_model.hidden_states(idx, start=0, at=at)
+
+
 def test_dropout_is_configurable():
     model = GPT2(GPT2Config(n_ctx=16, n_embd=32, n_layer=1, n_head=2, vocab_size=100, dropout=0.5)).train()
     idx = torch.randint(0, 100, (1, 8))

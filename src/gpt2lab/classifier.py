@@ -63,9 +63,7 @@ class SpamClassifier(nn.Module):
 
     def features(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Hidden state (B, n_embd) of the last real token of each right-padded row of ``ids`` (B, T)."""
-        hidden = self.body.hidden_states(ids)  # (B, T, C)
-        rows = torch.arange(ids.shape[0], device=ids.device)
-        return hidden[rows, lengths.to(ids.device) - 1]  # (B, C)
+        return self.body.hidden_states(ids, at=lengths.to(ids.device) - 1)  # (B, C)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """ids (B, T) right-padded, lengths (B,) >= 1 -> logits (B, num_classes)."""

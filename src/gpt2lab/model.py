@@ -49,12 +49,22 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, start: int | None, mask: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, T, C). ``start`` is the cache offset (None = no cache); ``mask`` (B, 1, T, S) bool or None."""
+    def forward(
+        self, x: torch.Tensor, start: int | None, mask: torch.Tensor | None, at: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C). ``start`` is the cache offset (None = no cache); ``mask`` (B, 1, T, S)
+        bool or None. ``at`` (B,): only the query at that position of each row, -> (B, 1, C) (no cache)."""
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, n_head, T, head_dim)
         q, kv = qkv[0], qkv[1:]
+        if at is not None:
+            rows = torch.arange(B, device=x.device)
+            q = q[rows, :, at, None]  # (B, n_head, 1, head_dim)
+            # Key j is seen by the query at position at[b] when j <= at[b] (and the mask allows it).
+            visible = torch.arange(T, device=x.device)[None, :] <= at[:, None]  # (B, T)
+            mask = visible[:, None, None, :] if mask is None else mask[rows, :, at, None] & visible[:, None, None, :]
+            T = 1
         if start is not None:
             if self.kv_cache is None:
                 raise RuntimeError("KV cache not set up: call model.setup_cache(batch_size, max_len) first")
@@ -91,8 +101,14 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, start: int | None, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), start, mask)
+    def forward(
+        self, x: torch.Tensor, start: int | None, mask: torch.Tensor | None, at: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C), or (B, 1, C) at the positions ``at`` (B,) alone (see ``GPT2.hidden_states``)."""
+        attended = self.attn(self.ln_1(x), start, mask, at)
+        if at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), at, None]  # (B, 1, C)
+        x = x + attended
         return x + self.mlp(self.ln_2(x))
 
 
@@ -151,8 +167,9 @@ class GPT2(nn.Module):
         pos: torch.Tensor | None = None,
         start: int | None = None,
         key_mask: torch.Tensor | None = None,
+        at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-layer-norm hidden states (B, T, n_embd).
+        """Final-layer-norm hidden states (B, T, n_embd), or (B, n_embd) at the positions ``at``.
 
         Args:
             idx: token ids (B, T).
@@ -160,7 +177,13 @@ class GPT2(nn.Module):
             start: offset into the KV cache; None runs without a cache.
             key_mask: (B, S) bool, False for keys to ignore (padding), S = ``start + T``
                 with a cache, else T. Combined with the causal mask.
+            at: (B,) one position per row (no cache): only those rows' states are returned, and the
+                last block computes its attention output, MLP and ``ln_f`` for them alone (the
+                other positions' would be discarded). A classifier reading one token per message
+                so saves ~6% of GPT-2 124M's forward and backward passes.
         """
+        if at is not None and start is not None:
+            raise ValueError("hidden_states(at=...) runs without a KV cache (start=None)")
         B, T = idx.shape
         offset = start or 0
         if offset + T > self.config.n_ctx:
@@ -181,9 +204,11 @@ class GPT2(nn.Module):
                 mask = mask & key_mask[:, None, None, :].bool()  # (B, 1, T, S)
                 # A fully masked row (a padding query) would give NaN; let it see itself instead.
                 mask = mask | (torch.arange(S, device=idx.device)[None, :] == q_pos[:, None])[None, None]
-        for block in self.h:
+        *blocks, last = self.h
+        for block in blocks:
             x = block(x, start, mask)
-        return self.ln_f(x)
+        x = self.ln_f(last(x, start, mask, at))  # (B, T, C), or (B, 1, C) at ``at``
+        return x if at is None else x[:, 0]
 
     def forward(
         self,
