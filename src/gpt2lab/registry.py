@@ -46,10 +46,14 @@ def _client(tracking_uri: str) -> Any:
 
 
 @contextlib.contextmanager
-def _global_store(tracking_uri: str) -> Iterator[None]:
-    """MLflow resolves a version's source through its global store: point it at ours meanwhile."""
+def global_store(tracking_uri: str | None) -> Iterator[None]:
+    """MLflow resolves some URIs (a version's source, part of a ``runs:/`` URI) through its global
+    store, whatever store the call names: point it at ``tracking_uri`` meanwhile (None: leave it)."""
     import mlflow
 
+    if tracking_uri is None:
+        yield
+        return
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
     try:
@@ -69,7 +73,7 @@ def register(tracking_uri: str, name: str, model: Any, run_id: str, tags: Mappin
         if err.error_code != "RESOURCE_ALREADY_EXISTS":  # another experiment registered it first: fine
             raise
     tags = {k: str(v) for k, v in tags.items()}
-    with _global_store(tracking_uri):
+    with global_store(tracking_uri):
         mv = client.create_model_version(name, source=model.model_uri, run_id=run_id, tags=tags,
                                          model_id=getattr(model, "model_id", None))  # fmt: skip
     log.info("registered %s as version %s of %s", model.model_uri, mv.version, name)

@@ -43,14 +43,15 @@ from typing import Any
 
 import pandas as pd
 
-from gpt2lab.classifier import ClassifierError
 from gpt2lab.basestore import resolve_base, store_base
+from gpt2lab.classifier import ClassifierError
 from gpt2lab.classifier_io import META_FILE, read_classifier_meta
 from gpt2lab.devices import DTYPES
 from gpt2lab.errors import Gpt2labError
 from gpt2lab.fileio import write_atomic
 from gpt2lab.inference import Classifier, InvalidTextError, StoppedError
 from gpt2lab.params import DEVICE_PATTERN, DEVICES
+from gpt2lab.registry import global_store
 from gpt2lab.server import INPUT_COLUMN, SETTINGS_ENV, STOPPING, TIMEOUT_ENV
 from gpt2lab.tokenizer import _ranks_path
 
@@ -216,7 +217,6 @@ def log_model(
         artifacts["base"] = str(base_dir)
         if _ranks_path().is_file():
             artifacts["tokenizer"] = str(_ranks_path())
-    previous_uri = mlflow.get_tracking_uri() if tracking_uri else None
     with tempfile.TemporaryDirectory() as tmp:
         code = _copy_package(Path(tmp))
         artifacts["settings"] = str(Path(tmp) / "settings.json")
@@ -237,17 +237,12 @@ def log_model(
             write_atomic(artifacts["settings"], json.dumps(settings) + "\n")
             return mlflow.pyfunc.log_model(**kwargs)
 
-        try:
-            if tracking_uri:
-                mlflow.set_tracking_uri(tracking_uri)
+        with global_store(tracking_uri or None):
             if run_id is not None and (mlflow.active_run() is None or mlflow.active_run().info.run_id != run_id):
                 with mlflow.start_run(run_id=run_id):
                     info = log_in_active_run()
             else:
                 info = log_in_active_run()
-        finally:
-            if previous_uri is not None:
-                mlflow.set_tracking_uri(previous_uri)
     log.info("logged the classifier as MLflow model %s", info.model_uri)
     return info
 
@@ -288,17 +283,13 @@ def download_model(model_uri: str, dst: str | Path, *, tracking_uri: str | None 
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    previous_uri = mlflow.get_tracking_uri() if tracking_uri else None
     try:
-        if tracking_uri:  # MLflow resolves part of a runs:/ URI through the global store: never the default one
-            mlflow.set_tracking_uri(tracking_uri)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst), tracking_uri=tracking_uri)
+        with global_store(tracking_uri or None):  # never MLflow's default store for part of a runs:/ URI
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst),
+                                                        tracking_uri=tracking_uri)  # fmt: skip
     except (MlflowException, OSError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ModelDownloadError(f"{model_uri}: cannot download the MLflow model ({reason})") from err
-    finally:
-        if previous_uri is not None:
-            mlflow.set_tracking_uri(previous_uri)
     artifacts = Path(local) / "artifacts"
     classifier, base = artifacts / "classifier", artifacts / "base"
     if not (classifier / META_FILE).is_file():

@@ -206,10 +206,6 @@ def dvc_main(argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
-if __name__ == "__main__":
-    sys.exit(dvc_main(sys.argv[1:]))
-
-
 def _in_use(folder: Path) -> bool:
     """Whether a running process works in ``folder`` (another experiment's copy, not ours to remove)."""
     folder = folder.resolve()
@@ -220,3 +216,7 @@ def _in_use(folder: Path) -> bool:
         except OSError:
             continue
     return False
+
+
+if __name__ == "__main__":
+    sys.exit(dvc_main(sys.argv[1:]))

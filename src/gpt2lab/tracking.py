@@ -520,12 +520,12 @@ def log_pipeline_run(files: PipelineFiles, record: str | Path, params_file: str 
 def register_run_model(run: RunLogger, name: str, files: PipelineFiles) -> Version:
     """Register the run's logged classifier as a new version of ``name``, tagged with what tells versions apart:
     test metrics, DVC experiment name, git commit, base sha256 and whether it was pretrained."""
-    tags = run.client.get_run(run.run_id).data.tags
-    base = read_config(files.base_dir)
+    logged = run.client.get_run(run.run_id)
+    tags = logged.data.tags  # the base's tags as _run_tags wrote them
     version_tags = {f"test.{k}": v for k, v in numeric(split_scores(files).get("test", {})).items()}
-    version_tags.update({"dvc.exp_name": tags.get(EXP_NAME_TAG, run.client.get_run(run.run_id).info.run_name),
-                         "git.commit": tags.get(COMMIT_TAG, "unknown"), "base.sha256": base["sha256"],
-                         "base.pretrained": str(bool(base.get("pretrained", False))).lower()})  # fmt: skip
+    version_tags.update({"dvc.exp_name": tags.get(EXP_NAME_TAG, logged.info.run_name),
+                         "git.commit": tags.get(COMMIT_TAG, "unknown"), "base.sha256": tags["base.sha256"],
+                         "base.pretrained": tags["base.pretrained"]})  # fmt: skip
     return register(run.store.uri, name, run.model, run.run_id, version_tags)
 
 
