@@ -30,7 +30,8 @@ alternate within each repeat, so load from other jobs hits both) and asserts not
 pass is preceded by one untimed batch of the same variant: on the machines this was written on,
 memory left untouched for a few seconds is slow to read again (the first pass over GPT-2 124M's
 fp32 weights after 5 s idle: 530 ms, then 120 ms, then 38 ms), and every variant sits idle while
-the others run; warmed, each is timed in its steady state, as in continuous use.
+the others run; warmed, each is timed in its steady state, as in continuous use. The machine's
+load shows in the yardstick printed before the table (``machine.Yardstick``).
 
     python bench/classify.py                      # every precision and engine, 3 repeats
     python bench/classify.py --precision int8 --repeats 1
@@ -49,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import peers
 import torch
+from machine import Yardstick
 
 from gpt2lab.checkpoint import random_checkpoint
 from gpt2lab.classifier import build_classifier
@@ -195,6 +197,8 @@ def main() -> None:
     print(f"{len(texts)} test messages, mean {np.mean(lengths):.1f} tokens, longest {max(lengths)}; "
           f"batch {args.batch_size}, {args.threads} threads, median of {args.repeats}")  # fmt: skip
     hf_pad = "longest in batch + mask" if width is None else f"max_length {width} + mask"
+    yardstick = Yardstick()
+    start_ms = yardstick.read_ms()
     with tempfile.TemporaryDirectory() as tmp:
         clf_dir, base = make_classifier(Path(tmp))
         hf = hf_model(Classifier.load(clf_dir, base))
@@ -220,6 +224,7 @@ def main() -> None:
             for key, fn in runs.items():
                 warm[key]()  # untimed: see the module docstring
                 times[key].append(fn()[0])
+    print(yardstick.line(start_ms, yardstick.read_ms()))
     rate = {k: len(texts) / statistics.median(v) for k, v in times.items()}
     best = {k: len(texts) / min(v) for k, v in times.items()}
     reference = probs.get(("gpt2lab", "fp32"))

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import peers
 import torch
+from machine import matrices, weight_read_seconds
 
 from gpt2lab.convert import HF_IGNORED, HF_TABLE, convert
 from gpt2lab.devices import DTYPES
@@ -46,7 +47,6 @@ from gpt2lab.generate import generate
 from gpt2lab.kernels import few_row_kernels
 from gpt2lab.model import GPT2, PRESETS
 from gpt2lab.quantize import quantize_int8
-
 
 # Each timed run is preceded by a short untimed one of the same variant. On the machines this was
 # written on, memory left untouched for a few seconds is slow to read again (the first pass over
@@ -77,24 +77,6 @@ def build_models(seed: int, text: str) -> tuple[GPT2, torch.nn.Module]:
     ours = GPT2(cfg)
     ours.load_state_dict(convert(state, HF_TABLE, cfg, ignored=HF_IGNORED), strict=False)
     return ours.eval(), hf
-
-
-@torch.inference_mode()
-def weight_read_seconds(model: GPT2, xs: list[torch.Tensor]) -> float:
-    """Time to read every matrix of ``model`` once, in forward order (12 blocks x 4 + lm_head):
-    a matrix-vector product per matrix (``xs``: one vector each) and nothing else.
-
-    The floor under any plain decoding step of batch 1, whatever library runs it. Timed in each
-    repeat, beside the decodings, so that the machine's load of the moment hits both.
-    """
-    t0 = time.perf_counter()
-    for w, x in zip(matrices(model), xs):
-        torch.mv(w, x)
-    return time.perf_counter() - t0
-
-
-def matrices(model: GPT2) -> list[torch.Tensor]:
-    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]  # lm_head (tied to wte) last
 
 
 def timed(fn: Callable[[], list[int]]) -> tuple[float, list[int]]:

@@ -10,7 +10,8 @@ on the balanced training split. Both run in this process, at each precision aske
   as usually written (``--hf-padding max_length``: every message padded to the longest in the
   training split with an attention mask, as the reference recipe does; ``longest``: per batch).
 
-Prints a table of examples/s; it asserts nothing about timings.
+Prints a table of examples/s and the machine's load as a yardstick (``machine.Yardstick``); it
+asserts nothing about timings.
 
     python bench/train.py                                        # both precisions
     python bench/train.py --precision bf16 --steps 20 --hf-steps 5  # a quick look
@@ -25,6 +26,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from machine import Yardstick
 
 from gpt2lab.batching import SpamDataset, make_loader
 from gpt2lab.classifier import SpamClassifier, cast_frozen_linears, configure
@@ -151,6 +153,8 @@ def main() -> None:
         f"{'framework':<18} {'precision':<9} {'padding':<20} {'trainable':>10} {'examples/s':>10} "
         f"{'5 epochs':>9} {'vs hf':>6}"
     )
+    yardstick = Yardstick()
+    start_ms = yardstick.read_ms()
     print(header + "\n" + "-" * len(header))
     for precision in args.precision:
         rows = []
@@ -166,6 +170,7 @@ def main() -> None:
             print(
                 f"{name:<18} {precision:<9} {padding:<20} {trainable:>10,} {rate:>10.1f} {epochs_min:>7.1f} m {vs:>6}"
             )
+    print(yardstick.line(start_ms, yardstick.read_ms()))
 
 
 if __name__ == "__main__":

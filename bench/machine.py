@@ -1,0 +1,53 @@
+"""How fast this machine reads memory at the moment: the yardstick every benchmark prints.
+
+On a shared machine (a VM whose host runs other jobs) a benchmark can run 1.5-2x slower from
+one hour to the next, and the libraries compared do not slow down alike: on the 2-core VM these
+benchmarks were written on, gpt2lab's int8 classification measured 1.10x ONNX Runtime's int8 on
+a quiet hour and 0.68x on a busy one. Reading GPT-2 124M's weights is the cheapest honest
+measure of that load, so ``generate.py`` times it in every repeat (its floor) and the other
+benchmarks print it at their start and end: compare two runs only when their yardsticks agree.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from gpt2lab.model import GPT2, PRESETS
+
+READS = 5  # memory idle for a while takes 2-3 passes to read at full speed again: keep the fastest
+
+
+def matrices(model: GPT2) -> list[torch.Tensor]:
+    """Every matrix of ``model`` in forward order (12 blocks x 4, then ``lm_head``, tied to ``wte``)."""
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+@torch.inference_mode()
+def weight_read_seconds(model: GPT2, xs: list[torch.Tensor]) -> float:
+    """Time to read every matrix of ``model`` once, in forward order: a matrix-vector product per
+    matrix (``xs``: one vector each) and nothing else. The floor under any plain decoding step
+    of batch 1, whatever library runs it."""
+    t0 = time.perf_counter()
+    for w, x in zip(matrices(model), xs):
+        torch.mv(w, x)
+    return time.perf_counter() - t0
+
+
+class Yardstick:
+    """GPT-2 124M's fp32 weights (random) and :meth:`read_ms`, the fastest of ``READS`` reads of them."""
+
+    def __init__(self) -> None:
+        self.model = GPT2(PRESETS["gpt2"]).eval()
+        self.xs = [torch.randn(w.shape[1]) for w in matrices(self.model)]
+
+    def read_ms(self) -> float:
+        return min(weight_read_seconds(self.model, self.xs) for _ in range(READS)) * 1e3
+
+    @staticmethod
+    def line(start_ms: float, end_ms: float) -> str:
+        return (
+            f"yardstick: GPT-2 124M's fp32 weights read in {start_ms:.1f} ms at the start, {end_ms:.1f} ms at "
+            "the end (fastest of 5; a busier machine reads slower; compare runs whose yardsticks agree)"
+        )
