@@ -49,5 +49,5 @@ class Yardstick:
     def line(start_ms: float, end_ms: float) -> str:
         return (
             f"yardstick: GPT-2 124M's fp32 weights read in {start_ms:.1f} ms at the start, {end_ms:.1f} ms at "
-            "the end (fastest of 5; a busier machine reads slower; compare runs whose yardsticks agree)"
+            f"the end (fastest of {READS}; a busier machine reads slower; compare runs whose yardsticks agree)"
         )
