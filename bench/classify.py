@@ -43,14 +43,12 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import peers
 import torch
-from machine import Yardstick
+from machine import Yardstick, timed
 
 from gpt2lab.checkpoint import random_checkpoint
 from gpt2lab.classifier import build_classifier
@@ -131,13 +129,6 @@ def hf_predict_proba(
             logits = model(input_ids=input_ids, attention_mask=mask).logits
         out.append(torch.softmax(logits.float(), -1)[:, 1].numpy())
     return np.concatenate(out)
-
-
-def timed(fn: Callable[[], np.ndarray]) -> tuple[float, np.ndarray]:
-    """(seconds, result) of one call of ``fn``."""
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
 
 
 def sorted_batches(texts: list[str], batch_size: int) -> tuple[np.ndarray, list[list[list[int]]]]:

@@ -33,13 +33,12 @@ import copy
 import platform
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import peers
 import torch
-from machine import matrices, weight_read_seconds
+from machine import fastest_read_seconds, matrices, timed
 
 from gpt2lab.convert import HF_IGNORED, HF_TABLE, convert
 from gpt2lab.devices import DTYPES
@@ -77,13 +76,6 @@ def build_models(seed: int, text: str) -> tuple[GPT2, torch.nn.Module]:
     ours = GPT2(cfg)
     ours.load_state_dict(convert(state, HF_TABLE, cfg, ignored=HF_IGNORED), strict=False)
     return ours.eval(), hf
-
-
-def timed(fn: Callable[[], list[int]]) -> tuple[float, list[int]]:
-    """(seconds, tokens) of one call of ``fn``."""
-    t0 = time.perf_counter()
-    tokens = fn()
-    return time.perf_counter() - t0, tokens
 
 
 def same_prefix(out: list[int], reference: list[int]) -> int:
@@ -216,7 +208,7 @@ def main() -> None:
                 for precision, model in float_models.items():
                     # The fastest of 4 reads: memory idle for a while takes 2-3 passes to read at full speed
                     # again (see WARM_TOKENS), and the floor is what no decoder can beat.
-                    reads[precision].append(min(weight_read_seconds(model, vectors[precision]) for _ in range(4)))
+                    reads[precision].append(fastest_read_seconds(model, vectors[precision], reads=4))
                 for key, fn in variants.items():
                     fn(WARM_TOKENS)  # untimed: see WARM_TOKENS
                     passes.clear()
@@ -276,6 +268,7 @@ def main() -> None:
         for (text, precision), seconds in floors.items():
             rate = plain[text, precision]
             print(f"| {text} | {precision} | {seconds * 1e3:.1f} | {1 / seconds:.1f} | {rate:.1f} | {rate * seconds:.0%} |")
+
 
 if __name__ == "__main__":
     main()

@@ -11,12 +11,22 @@ benchmarks print it at their start and end: compare two runs only when their yar
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from gpt2lab.model import GPT2, PRESETS
 
 READS = 5  # memory idle for a while takes 2-3 passes to read at full speed again: keep the fastest
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
+    """(seconds, result) of one call of ``fn``."""
+    t0 = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, result
 
 
 def matrices(model: GPT2) -> list[torch.Tensor]:
@@ -35,6 +45,11 @@ def weight_read_seconds(model: GPT2, xs: list[torch.Tensor]) -> float:
     return time.perf_counter() - t0
 
 
+def fastest_read_seconds(model: GPT2, xs: list[torch.Tensor], reads: int = READS) -> float:
+    """The fastest of ``reads`` :func:`weight_read_seconds`: what memory gives once it is read at full speed."""
+    return min(weight_read_seconds(model, xs) for _ in range(reads))
+
+
 class Yardstick:
     """GPT-2 124M's fp32 weights (random) and :meth:`read_ms`, the fastest of ``READS`` reads of them."""
 
@@ -43,7 +58,7 @@ class Yardstick:
         self.xs = [torch.randn(w.shape[1]) for w in matrices(self.model)]
 
     def read_ms(self) -> float:
-        return min(weight_read_seconds(self.model, self.xs) for _ in range(READS)) * 1e3
+        return fastest_read_seconds(self.model, self.xs) * 1e3
 
     @staticmethod
     def line(start_ms: float, end_ms: float) -> str:

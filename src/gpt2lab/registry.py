@@ -48,10 +48,10 @@ def _client(tracking_uri: str) -> Any:
 @contextlib.contextmanager
 def global_store(tracking_uri: str | None) -> Iterator[None]:
     """MLflow resolves some URIs (a version's source, part of a ``runs:/`` URI) through its global
-    store, whatever store the call names: point it at ``tracking_uri`` meanwhile (None: leave it)."""
+    store, whatever store the call names: point it at ``tracking_uri`` meanwhile (None or "": leave it)."""
     import mlflow
 
-    if tracking_uri is None:
+    if not tracking_uri:
         yield
         return
     previous = mlflow.get_tracking_uri()

@@ -237,7 +237,7 @@ def log_model(
             write_atomic(artifacts["settings"], json.dumps(settings) + "\n")
             return mlflow.pyfunc.log_model(**kwargs)
 
-        with global_store(tracking_uri or None):
+        with global_store(tracking_uri):
             if run_id is not None and (mlflow.active_run() is None or mlflow.active_run().info.run_id != run_id):
                 with mlflow.start_run(run_id=run_id):
                     info = log_in_active_run()
@@ -284,7 +284,7 @@ def download_model(model_uri: str, dst: str | Path, *, tracking_uri: str | None 
     from mlflow.exceptions import MlflowException
 
     try:
-        with global_store(tracking_uri or None):  # never MLflow's default store for part of a runs:/ URI
+        with global_store(tracking_uri):  # never MLflow's default store for part of a runs:/ URI
             local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst),
                                                         tracking_uri=tracking_uri)  # fmt: skip
     except (MlflowException, OSError) as err:
