@@ -224,6 +224,17 @@ def _wait_for_checkpoint(proc: subprocess.Popen, root: Path, min_step: int) -> i
     raise AssertionError("no checkpoint appeared in time")
 
 
+def _wait_for_ranks(proc: subprocess.Popen, n: int) -> list[int]:
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"train ended (rc {proc.returncode}) before its ranks were seen"
+        if len(ranks := _children(proc.pid)) >= n:
+            assert len(ranks) == n, ranks
+            return ranks
+        time.sleep(0.01)
+    raise AssertionError(f"{n} ranks did not start in time")
+
+
 def _result(root: Path) -> dict:
     return {
         "steps": pd.read_csv(root / STEPS, sep="\t"),
@@ -281,9 +292,8 @@ def test_a_killed_two_process_run_resumes_to_the_same_result(template, tmp_path,
 
     root = _repo(template, tmp_path / "killed", **train)
     proc = _start(root, "kill.log", started)
+    ranks = _wait_for_ranks(proc, 2)  # before the checkpoint: the kill follows it at once
     _wait_for_checkpoint(proc, root, min_step=5)
-    ranks = _children(proc.pid)
-    assert len(ranks) == 2, ranks
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     deadline = time.monotonic() + 10

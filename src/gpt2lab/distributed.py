@@ -17,9 +17,11 @@ once (see :func:`gpt2lab.stage.run`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -39,7 +41,8 @@ log = logging.getLogger(__name__)
 # Longest wait for another rank at any collective: the slowest thing between two collectives is
 # rank 0 writing a checkpoint (a full fine-tune of gpt2-xl: ~18 GB) while the others wait.
 COLLECTIVE_TIMEOUT_S = 1800
-PARENT_POLL_S = 0.5  # how often a rank checks that its launcher is still alive
+PARENT_POLL_S = 0.5  # how often a rank checks that its launcher is still alive (where not Linux)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # What a lost peer looks like when the backend reports it as a plain RuntimeError.
 PEER_LOST_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out",
                    "timed out", "NCCL", "gloo")  # fmt: skip
@@ -184,8 +187,17 @@ def process_group(
 
 def _exit_with_parent() -> None:
     """Kill this process when its parent (the launcher) dies, e.g. when the stage is SIGKILLed:
-    the ranks run in a session of their own, so nothing else would stop them."""
+    the ranks run in a session of their own, so nothing else would stop them. On Linux the kernel
+    does it at once (``PR_SET_PDEATHSIG``), so a rank takes no step after its launcher is gone;
+    elsewhere a thread polls for the parent every :data:`PARENT_POLL_S`."""
     parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the launcher died before the signal was armed
+            os.kill(os.getpid(), signal.SIGKILL)
+        return
 
     def watch() -> None:
         while os.getppid() == parent:
