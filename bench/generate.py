@@ -13,9 +13,10 @@ time of the whole call (prefill included); the tables show the median over
 all alike. Quality: the greedy tokens each variant shares with gpt2lab fp32's before the first
 difference. Timings are printed, never asserted.
 
-Two decodings are timed: plain (one forward pass per token) and prompt lookup with up to
-``--lookup`` guessed tokens per pass, in both libraries (transformers'
-``prompt_lookup_num_tokens``). Plain decoding of batch 1 reads every weight once per
+Three decodings are timed: plain (one forward pass per token), compiled (gpt2lab's
+``generate(..., compile=True)``: the same steps through ``torch.compile``, fp32 and bf16; the
+first call, which compiles, is untimed and printed) and prompt lookup with up to ``--lookup``
+guessed tokens per pass, in both libraries (transformers' ``prompt_lookup_num_tokens``). Plain decoding of batch 1 reads every weight once per
 token, so its speed is bounded by memory bandwidth; prompt lookup checks several tokens
 per read, and gains only where the text repeats itself. Two kinds of random weights show
 both ends (``--texts``): ``loop`` (GPT-2's own init; its greedy output is a loop of a few
@@ -142,6 +143,7 @@ def main() -> None:
     parser.add_argument("--texts", nargs="+", choices=["loop", "varied"], default=["loop", "varied"],
                         help="random weights whose greedy output loops (GPT-2's init) or rarely repeats")
     parser.add_argument("--no-engines", action="store_true", help="skip CTranslate2 and ONNX Runtime")
+    parser.add_argument("--no-compile", action="store_true", help="skip gpt2lab's compiled decoding")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
@@ -153,7 +155,12 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     print(f"GPT-2 124M, batch 1, {args.prompt_tokens}-token prompt, {n} new tokens, greedy; "
           f"torch {torch.__version__}, {threads} threads, {cpu}")  # fmt: skip
-    decodings = {"plain": 0} | ({f"prompt lookup {args.lookup}": args.lookup} if args.lookup else {})
+    # decoding -> gpt2lab's generate() arguments; transformers runs the plain and prompt-lookup ones
+    decodings: dict[str, dict] = {"plain": {}}
+    if not args.no_compile:
+        decodings["compiled"] = {"compile": True}
+    if args.lookup:
+        decodings[f"prompt lookup {args.lookup}"] = {"prompt_lookup": args.lookup}
 
     rows, engine_rows, floors, agreement = [], [], {}, {}
     for text in args.texts:
@@ -171,10 +178,11 @@ def main() -> None:
         for model in ours.values():
             model.register_forward_hook(lambda *_: passes.append(1))
 
-        def run_ours(precision: str, lookup: int, k: int = n) -> list[int]:
-            return generate(ours[precision], prompt, k, prompt_lookup=lookup)[0]
+        def run_ours(precision: str, decoding: str, k: int = n) -> list[int]:
+            return generate(ours[precision], prompt, k, **decodings[decoding])[0]
 
-        def run_hf(precision: str, lookup: int, k: int = n) -> list[int]:
+        def run_hf(precision: str, decoding: str, k: int = n) -> list[int]:
+            lookup = decodings[decoding].get("prompt_lookup")
             extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
             with torch.inference_mode():
                 out = hfs[precision].generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
@@ -182,28 +190,32 @@ def main() -> None:
             return out[0, prompt.shape[1] :].tolist()
 
         # each variant: k -> (seconds, k new tokens)
-        variants: dict[tuple[str, str, int], Callable[[int], tuple[float, list[int]]]] = {}
+        variants: dict[tuple[str, str, str], Callable[[int], tuple[float, list[int]]]] = {}
         for precision in args.precisions:
-            for lookup in decodings.values():
-                variants["gpt2lab", precision, lookup] = lambda k, p=precision, lk=lookup: timed(
-                    lambda: run_ours(p, lk, k))  # fmt: skip
-                if precision in hfs:
-                    variants["transformers", precision, lookup] = lambda k, p=precision, lk=lookup: timed(
-                        lambda: run_hf(p, lk, k))  # fmt: skip
+            for decoding, kwargs in decodings.items():
+                if kwargs.get("compile") and precision == "int8":
+                    continue  # int8's packed kernels are not compiled (gpt2lab.kernels.check_compilable)
+                variants["gpt2lab", precision, decoding] = lambda k, p=precision, d=decoding: timed(
+                    lambda: run_ours(p, d, k))  # fmt: skip
+                if precision in hfs and not kwargs.get("compile"):
+                    variants["transformers", precision, decoding] = lambda k, p=precision, d=decoding: timed(
+                        lambda: run_hf(p, d, k))  # fmt: skip
         workers: dict[tuple[str, str], peers.Isolated] = {}
         with tempfile.TemporaryDirectory() as tmp:
             if not args.no_engines:
                 workers = engines(fp32, hf_fp32, Path(tmp), threads)
                 for (engine, precision), worker in workers.items():
-                    variants[engine, precision, 0] = lambda k, w=worker: w.timed("generate", prompt[0].tolist(), k)
-            for fn in variants.values():  # warm-up: first-call allocations and kernel selection
-                fn(WARM_TOKENS)
+                    variants[engine, precision, "plain"] = lambda k, w=worker: w.timed("generate", prompt[0].tolist(), k)
+            for key, fn in variants.items():  # warm-up: first-call allocations, kernel selection, compiling
+                seconds, _ = fn(WARM_TOKENS)
+                if key[2] == "compiled":
+                    print(f"gpt2lab {key[1]} compiled: first call {seconds:.1f} s (compiling, or loading the compiled)")
             float_models = {p: m for p, m in ours.items() if p != "int8"}
             vectors = {p: [torch.randn(w.shape[1], dtype=w.dtype) for w in matrices(m)] for p, m in float_models.items()}
             reads: dict[str, list[float]] = {p: [] for p in float_models}
-            times: dict[tuple[str, str, int], list[float]] = {key: [] for key in variants}
-            tokens: dict[tuple[str, str, int], list[int]] = {}
-            ours_passes: dict[tuple[str, int], int] = {}
+            times: dict[tuple[str, str, str], list[float]] = {key: [] for key in variants}
+            tokens: dict[tuple[str, str, str], list[int]] = {}
+            ours_passes: dict[tuple[str, str], int] = {}
             for _ in range(args.repeats):
                 for precision, model in float_models.items():
                     # The fastest of 4 reads: memory idle for a while takes 2-3 passes to read at full speed
@@ -215,31 +227,36 @@ def main() -> None:
                     seconds, tokens[key] = fn(n)
                     times[key].append(seconds)
                     if key[0] == "gpt2lab":
-                        ours_passes[key[1:]] = len(passes)
+                        # A compiled step runs no Python forward (no hook): the prefill, then n - 1 steps.
+                        ours_passes[key[1:]] = n if key[2] == "compiled" else len(passes)
             for worker in workers.values():
                 worker.close()
         for precision, seconds in reads.items():
             floors[text, precision] = statistics.median(seconds)
         tps = {key: n / statistics.median(t) for key, t in times.items()}
-        reference = tokens.get(("gpt2lab", "fp32", 0))
+        reference = tokens.get(("gpt2lab", "fp32", "plain"))
         for precision in args.precisions:
-            hf_plain = tps.get(("transformers", precision, 0))
-            for decoding, lookup in decodings.items():
-                ours_tps, hf_tps = tps["gpt2lab", precision, lookup], tps.get(("transformers", precision, lookup))
-                out = tokens["gpt2lab", precision, lookup]
-                same = f"{same_prefix(out, tokens.get(('transformers', precision, 0), out))}/{n}" if hf_tps else "-"
-                rows.append((text, precision, decoding, ours_tps, hf_tps, hf_plain, ours_passes[precision, lookup],
+            hf_plain = tps.get(("transformers", precision, "plain"))
+            for decoding in decodings:
+                if ("gpt2lab", precision, decoding) not in tps:
+                    continue
+                ours_tps, hf_tps = tps["gpt2lab", precision, decoding], tps.get(("transformers", precision, decoding))
+                out = tokens["gpt2lab", precision, decoding]
+                hf_out = tokens.get(("transformers", precision, "plain"))
+                same = f"{same_prefix(out, hf_out)}/{n}" if hf_out else "-"
+                rows.append((text, precision, decoding, ours_tps, hf_tps, hf_plain, ours_passes[precision, decoding],
                              same, len(set(out))))  # fmt: skip
         if reference is not None:
             ids = torch.cat([prompt, torch.tensor([reference])], dim=1)[:, :-1]  # the text fp32 predicted
             for precision, model in ours.items():
                 agreement[text, precision] = top1_agreement(model, ours["fp32"], ids, prompt.shape[1] - 1)
-        int8_tps = tps.get(("gpt2lab", "int8", 0))
-        for (name, precision, lookup), rate in tps.items():
-            if lookup == 0:
-                agree = f"{same_prefix(tokens[name, precision, 0], reference)}/{n}" if reference else "-"
+        int8_tps = tps.get(("gpt2lab", "int8", "plain"))
+        for (name, precision, decoding), rate in tps.items():
+            if decoding in ("plain", "compiled"):
+                agree = f"{same_prefix(tokens[name, precision, decoding], reference)}/{n}" if reference else "-"
                 vs = f"{rate / int8_tps:.2f}x" if int8_tps else "-"
-                engine_rows.append((text, name, precision, rate, vs, agree))
+                engine = f"{name} (compiled)" if decoding == "compiled" else name
+                engine_rows.append((text, engine, precision, rate, vs, agree))
         del ours, hfs, fp32, hf_fp32
 
     print("\n| text | precision | decoding | gpt2lab tok/s | transformers tok/s | ratio | vs transformers plain "
@@ -262,12 +279,16 @@ def main() -> None:
         print("\nThe floor: reading every weight once (a matrix-vector product each; the fastest of 4 reads in "
               "each repeat, beside the decodings): no plain decoder of batch 1 passes 1 / floor (memory bandwidth). "
               "Prompt lookup reads the weights once per guess set.\n")  # fmt: skip
-        print("| text | precision | floor ms | floor tok/s | gpt2lab plain tok/s | share of the floor |")
-        print("|---|---|---:|---:|---:|---:|")
-        plain = {(r[0], r[1]): r[3] for r in rows if r[2] == "plain"}
+        print("| text | precision | floor ms | floor tok/s | gpt2lab plain tok/s | share of the floor "
+              "| compiled tok/s | share of the floor |")  # fmt: skip
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        rates = {(r[0], r[1], r[2]): r[3] for r in rows}
         for (text, precision), seconds in floors.items():
-            rate = plain[text, precision]
-            print(f"| {text} | {precision} | {seconds * 1e3:.1f} | {1 / seconds:.1f} | {rate:.1f} | {rate * seconds:.0%} |")
+            line = f"| {text} | {precision} | {seconds * 1e3:.1f} | {1 / seconds:.1f} "
+            for decoding in ("plain", "compiled"):
+                rate = rates.get((text, precision, decoding))
+                line += f"| {rate:.1f} | {rate * seconds:.0%} " if rate else "| - | - "
+            print(line + "|")
 
 
 if __name__ == "__main__":

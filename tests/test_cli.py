@@ -296,6 +296,18 @@ def test_cli_int8_generates_and_classifies_close_to_fp32(tiny_checkpoint, saved,
     assert [g["spam_probability"] for g in got] == pytest.approx([w["spam_probability"] for w in expected], abs=0.05)
 
 
+def test_cli_compiled_generation_prints_the_uncompiled_text(tiny_checkpoint, capsys):
+    args = ["generate", "Every effort moves you", "--model", str(tiny_checkpoint), "--max-new-tokens", "12",
+            "--temperature", "0"]  # fmt: skip
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--compile"]) == 0
+    assert capsys.readouterr().out == plain
+    assert main([*args, "--compile", "--precision", "int8"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: compiled decoding runs float weights") and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("command", ["generate", "classify"])
 def test_int8_on_a_cpu_without_the_kernels_is_one_error_line(files, command):
     """ATEN_CPU_CAPABILITY=default makes torch run as on a CPU without AVX2: int8 is refused, not slow or wrong."""

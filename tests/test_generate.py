@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch._dynamo.utils import counters as dynamo_counters
+from torch._inductor import config as inductor_config
+from torch.profiler import profile
 
 from gpt2lab.errors import Gpt2labError
 from gpt2lab.generate import (
@@ -19,6 +23,7 @@ from gpt2lab.generate import (
     sampling_probs,
     stream,
 )
+from gpt2lab.kernels import CompileUnavailable
 from gpt2lab.model import GPT2, GPT2Config
 
 VOCAB = 128
@@ -434,3 +439,52 @@ def test_generate_invalid_arguments_are_named(gen_lm, bad):
         generate(gen_lm, prompts, n, **kwargs)
     assert isinstance(info.value, Gpt2labError)
     assert NAMES[name] in str(info.value) or (name == "prompts" and "no prompts" in str(info.value))
+
+
+# --- compiled decoding ------------------------------------------------------------------------
+def _compiled_steps(fn: Callable[[], object]) -> int:
+    """How many calls of a torch.compile'd function ``fn()`` made (the profiler's compiled regions)."""
+    with profile() as prof:
+        fn()
+    return sum(event.count for event in prof.key_averages() if event.key.startswith("Torch-Compiled Region"))
+
+
+@pytest.mark.parametrize(
+    ("cfg", "prompts", "n", "lookup"),
+    [
+        (LIVELY, [_prompt(1, 1)], 12, 0),
+        (LIVELY, [_prompt(40, 40)], 20, 0),  # 59 tokens in a cache of 64 (n_ctx, under one COMPILED_CACHE_STEP)
+        (LIVELY, [_prompt(n, seed=n) for n in (3, 11, 1, 7)], 12, 0),  # padded batch
+        (SHORT, [_prompt(6, 5)], 40, 0),  # three context cuts
+        (SHORT, [_prompt(10, 1), _prompt(3, 2)], 30, 0),  # padded batch with cuts
+        (LIVELY, [_loop_prompt()], 30, 4),  # prompt lookup: checks uncompiled, single steps compiled
+    ],
+)
+def test_compiled_decoding_gives_the_tokens_of_uncompiled(cfg, prompts, n, lookup):
+    model = _lively(cfg)
+    expected = generate(model, prompts, n, prompt_lookup=lookup)
+    assert generate(model, prompts, n, prompt_lookup=lookup, compile=True) == expected
+
+
+def test_compiled_decoding_compiles_once_per_cache_length(lm):
+    prompt = _prompt(5, 5)
+    expected = generate(lm, [prompt], 10)
+    generate(lm, [prompt], 3, compile=True)  # compiles (or loads Inductor's cached kernels)
+    graphs = dynamo_counters["stats"]["unique_graphs"]
+    steps = _compiled_steps(lambda: generate(lm, [prompt], 10, compile=True))
+    assert steps == 9  # every step after the prompt's
+    other = _prompt(9, 9)
+    assert generate(lm, [other], 20, compile=True) == generate(lm, [other], 20)  # another length, same cache
+    another = _lively(LIVELY, seed=1)  # another model of the same shapes: its weights are the graph's inputs
+    assert generate(another, [prompt], 10, compile=True) == generate(another, [prompt], 10)
+    assert dynamo_counters["stats"]["unique_graphs"] == graphs  # nothing compiled again
+    assert generate(lm, [prompt], 10, compile=True) == expected
+
+
+def test_compiled_decoding_without_a_compiler_is_one_line(lm):
+    with (
+        inductor_config.patch({"cpp.cxx": ("gpt2lab-no-such-compiler",)}),
+        pytest.raises(CompileUnavailable, match=r"^compiled decoding needs a C\+\+ compiler") as err,
+    ):
+        stream(lm, [[1, 2]], 3, compile=True)
+    assert "\n" not in str(err.value)

@@ -72,6 +72,27 @@ def test_cached_forward_equals_full_forward(tiny_model):
     assert _max_diff(cached, full) < 1e-5
 
 
+def test_decode_step_over_the_whole_cache_equals_the_cached_forward(tiny_model):
+    """``decode_step``: same shapes every step (the whole cache, masked), same logits; stale
+    entries past the columns in use are never seen."""
+    idx = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(5))
+    full = tiny_model(idx)
+    with torch.no_grad():
+        tiny_model.setup_cache(batch_size=2, max_len=16)
+        for block in tiny_model.h:
+            block.attn.kv_cache.kv.normal_()  # garbage where nothing was written yet
+        tiny_model(idx[:, :6], start=0)
+        key_mask = torch.zeros(2, 16, dtype=torch.bool)
+        key_mask[:, :6] = True
+        steps = []
+        for t in range(6, 9):
+            key_mask[:, t] = True
+            pos = torch.full((2, 1), t)
+            steps.append(tiny_model.decode_step(idx[:, t : t + 1], pos, torch.tensor([t]), key_mask))
+    assert all(step.shape == (2, 1, tiny_model.config.vocab_size) for step in steps)
+    assert _max_diff(torch.cat(steps, dim=1), full[:, 6:]) < 1e-5
+
+
 def test_key_mask_ignores_left_padding(tiny_model):
     g = torch.Generator().manual_seed(4)
     seq = torch.randint(0, 1000, (1, 6), generator=g)

@@ -43,6 +43,7 @@ def _generate(args: argparse.Namespace) -> None:
     from gpt2lab.checkpoint import is_pretrained
     from gpt2lab.devices import resolve_device, resolve_precision
     from gpt2lab.generate import check_sampling
+    from gpt2lab.kernels import check_compilable
     from gpt2lab.textgen import load_generator, stream_text
 
     check_sampling(args.temperature, args.top_k or None, args.top_p)  # before the slow part: loading the model
@@ -62,6 +63,8 @@ def _generate(args: argparse.Namespace) -> None:
         # An MLflow classifier model: generate with the GPT-2 it was trained on (its base).
         path = _mlflow_model(args.model, tmp)[1] if _is_mlflow_uri(args.model) else args.model
         model = load_generator(path, precision, device)
+        if args.compile:
+            check_compilable(model)  # before any text
         if not is_pretrained(path):
             warn(f"{args.model} holds random weights (a smoke run): the text is noise")
     generator = torch.Generator().manual_seed(args.seed)  # draws on the CPU: the same text on any device
@@ -69,7 +72,8 @@ def _generate(args: argparse.Namespace) -> None:
     t0, n = time.perf_counter(), 0
     for n, piece in enumerate(stream_text(model, args.prompt, args.max_new_tokens, stop_at_eos=not args.ignore_eos,
                                           temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                                          generator=generator, prompt_lookup=args.prompt_lookup),
+                                          generator=generator, prompt_lookup=args.prompt_lookup,
+                                          compile=args.compile),
                                  start=1):  # fmt: skip
         print(piece, end="", flush=True)
     print()
@@ -272,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-lookup", type=int, default=d.prompt_lookup, metavar="N",
                    help="guess up to N tokens per forward pass from earlier text; same output, "
                         "faster on repetitive text (default: %(default)s = off)")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="decode with torch.compile (needs a C++ compiler): each step faster, ~25 s to compile "
+                        "the first time (cached after); for long outputs")  # fmt: skip
     p.add_argument("--ignore-eos", action="store_true", help="keep going after <|endoftext|>")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.set_defaults(func=_generate)

@@ -26,6 +26,14 @@ is still sampled from the model's own distribution, in order, with one draw of t
 generator per new token, and a guess is kept only while it equals that token; the output
 therefore has exactly the distribution of plain decoding (greedy: the same tokens, up to
 float rounding of near-ties). Repetitive or copy-heavy text gains the most.
+
+Compiled decoding (``compile=True``) runs each one-token step through
+:func:`gpt2lab.kernels.compiled_decode_step` (``torch.compile``; a C++ compiler is needed): the
+same tokens up to float rounding, with less time between the weight reads. Each step then
+attends to the whole KV cache through a mask, so that its shapes never change; the cache length
+is rounded up to a multiple of :data:`COMPILED_CACHE_STEP`, and only each new length (or batch
+size, or dtype) compiles again, ~25 s the first time on a 2-core CPU. The prompt (prefill) and
+prompt-lookup checks run as without it.
 """
 
 from __future__ import annotations
@@ -33,18 +41,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from gpt2lab.errors import Gpt2labError
-from gpt2lab.kernels import few_row_kernels
+from gpt2lab.kernels import compiled_decode_step, few_row_kernels
 from gpt2lab.model import GPT2
 
 log = logging.getLogger(__name__)
 
 LOOKUP_MAX_NGRAM = 3  # prompt lookup matches the last 3, 2, then 1 tokens
+COMPILED_CACHE_STEP = 256  # compiled decoding: cache lengths are multiples of this (or n_ctx), one graph each
 
 
 class GenerationError(Gpt2labError, ValueError):
@@ -177,9 +186,12 @@ class _Decoder:
     in use and in the KV cache. ``next_pos`` (B, 1) is each row's position id for the next token.
     """
 
-    def __init__(self, model: GPT2, rows: list[list[int]], max_new_tokens: int):
+    def __init__(
+        self, model: GPT2, rows: list[list[int]], max_new_tokens: int, compiled: Callable[..., torch.Tensor] | None
+    ):
         cfg = model.config
         self.model = model
+        self.compiled = compiled
         self.window = max(cfg.n_ctx // 2, 1)
         device = model.wte.weight.device
         width = max(map(len, rows))
@@ -198,7 +210,10 @@ class _Decoder:
         self.width = width
         self.next_pos = torch.zeros(B, 1, dtype=torch.long, device=device)
         # The last sampled token is never fed back, hence the - 1.
-        model.setup_cache(B, min(cfg.n_ctx, width + max_new_tokens - 1) if max_new_tokens > 1 else width)
+        cache_len = width + max_new_tokens - 1 if max_new_tokens > 1 else width
+        if compiled is not None:
+            cache_len = -(-cache_len // COMPILED_CACHE_STEP) * COMPILED_CACHE_STEP
+        model.setup_cache(B, min(cfg.n_ctx, cache_len))
 
     @property
     def room(self) -> int:
@@ -231,7 +246,11 @@ class _Decoder:
         self.valid[:, col : col + T] = True
         key_mask = self.valid[:, : col + T] if self.padded else None  # no mask at all for an unpadded batch
         pos = self.next_pos if T == 1 else self.next_pos + torch.arange(T, device=tok.device)  # (B, T)
-        logits = self.model(fed, pos=pos, start=col, key_mask=key_mask, last_only=T == 1)
+        if T == 1 and self.compiled is not None:
+            column = torch.tensor([col], device=tok.device)
+            logits = self.compiled(fed, pos, column, self.valid[:, : self.model.cache_len])
+        else:
+            logits = self.model(fed, pos=pos, start=col, key_mask=key_mask, last_only=T == 1)
         self.length = col + T
         self.next_pos += T
         return logits
@@ -250,6 +269,7 @@ class _Decoder:
         self.valid[:, :keep] = self.valid[:, n_ctx - keep : n_ctx].clone()
         self.tokens[:, keep] = tok
         self.valid[:, keep] = True
+        self.valid[:, keep + 1 :] = False  # the columns after the new context are free again
         self.width = self.window
         self.padded = not bool(self.valid[:, : self.window].all())
         self.cut = True
@@ -267,6 +287,7 @@ def stream(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
     prompt_lookup: int = 0,
+    compile: bool = False,
 ) -> Iterator[list[int | None]]:
     """Decode a batch of prompts step by step; yields each step's new token per prompt.
 
@@ -281,6 +302,8 @@ def stream(
             yielded); None generates ``max_new_tokens`` tokens for every row.
         prompt_lookup: guess up to this many tokens per forward pass by prompt lookup
             (see the module docstring); 0 = off. Used for a single prompt only.
+        compile: decode with ``torch.compile`` (see the module docstring); raises
+            :class:`~gpt2lab.kernels.CompileUnavailable` here when no C++ compiler is found.
 
     Yields:
         one list of B items per new token: the token id, or None for a finished row.
@@ -297,7 +320,9 @@ def stream(
     if prompt_lookup and len(rows) > 1:
         log.info("prompt lookup works on one prompt at a time; decoding %d prompts without it", len(rows))
         prompt_lookup = 0
-    return _stream(model, rows, max_new_tokens, (temperature, top_k, top_p), eos_id, generator, prompt_lookup)
+    compiled = compiled_decode_step(model) if compile else None
+    return _stream(model, rows, max_new_tokens, (temperature, top_k, top_p), eos_id, generator, prompt_lookup,
+                   compiled)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -323,11 +348,12 @@ def _stream(
     eos_id: int | None,
     generator: torch.Generator | None,
     prompt_lookup: int,
+    compiled: Callable[..., torch.Tensor] | None,
 ) -> Iterator[list[int | None]]:
     if max_new_tokens == 0:
         return
     with _decoding(model):
-        dec = _Decoder(model, rows, max_new_tokens)
+        dec = _Decoder(model, rows, max_new_tokens, compiled)
         history = list(rows[0]) if prompt_lookup else []  # the text prompt lookup searches
         finished = torch.zeros(len(rows), dtype=torch.bool, device=dec.tokens.device)
         logits, draft = dec.prefill(), []  # logits (B, 1 + len(draft), V)
@@ -373,11 +399,12 @@ def generate(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
     prompt_lookup: int = 0,
+    compile: bool = False,
 ) -> list[list[int]]:
     """The new tokens of each prompt (without the prompt, without the EOS); arguments as in :func:`stream`."""
     out: list[list[int]] = [[] for _ in range(len(prompts))]
     for step in stream(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       eos_id=eos_id, generator=generator, prompt_lookup=prompt_lookup):  # fmt: skip
+                       eos_id=eos_id, generator=generator, prompt_lookup=prompt_lookup, compile=compile):  # fmt: skip
         for row, tok in zip(out, step):
             if tok is not None:
                 row.append(tok)

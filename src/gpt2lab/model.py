@@ -32,8 +32,15 @@ class KVCache(nn.Module):
         shape = (2, batch_size, n_head, max_len, head_dim)
         self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, kv: torch.Tensor) -> torch.Tensor:
-        """Write ``kv`` (2, B, n_head, T, head_dim) at ``start``; return keys and values up to ``start + T``."""
+    def update(self, start: int | torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """Write ``kv`` (2, B, n_head, T, head_dim) at ``start``; return keys and values up to ``start + T``.
+
+        ``start`` as a (T,) tensor of columns instead: write there and return the whole cache (the
+        caller masks the columns not in use), so that every step has the same shapes.
+        """
+        if isinstance(start, torch.Tensor):
+            cache = self.kv[:, : kv.shape[1]]
+            return cache.index_copy_(3, start, kv)  # (2, B, n_head, max_len, head_dim)
         B, end = kv.shape[1], start + kv.shape[3]
         self.kv[:, :B, :, start:end] = kv
         return self.kv[:, :B, :, :end]  # (2, B, n_head, start + T, head_dim)
@@ -50,9 +57,14 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(
-        self, x: torch.Tensor, start: int | None, mask: torch.Tensor | None, at: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        start: int | torch.Tensor | None,
+        mask: torch.Tensor | None,
+        at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, C) -> (B, T, C). ``start`` is the cache offset (None = no cache); ``mask`` (B, 1, T, S)
+        """x: (B, T, C) -> (B, T, C). ``start`` is the cache offset (None = no cache; a tensor: see
+        :meth:`KVCache.update`, ``mask`` then covering the whole cache); ``mask`` (B, 1, T, S)
         bool or None. ``at`` (B,): only the query at that position of each row, -> (B, 1, C) (no cache)."""
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
@@ -102,7 +114,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, start: int | None, mask: torch.Tensor | None, at: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        start: int | torch.Tensor | None,
+        mask: torch.Tensor | None,
+        at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, T, C) -> (B, T, C), or (B, 1, C) at the positions ``at`` (B,) alone (see ``GPT2.hidden_states``)."""
         attended = self.attn(self.ln_1(x), start, mask, at)
@@ -224,6 +240,24 @@ class GPT2(nn.Module):
         if last_only:
             x = x[:, -1:, :]
         return self.lm_head(x)
+
+    def decode_step(
+        self, idx: torch.Tensor, pos: torch.Tensor, column: torch.Tensor, key_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (B, 1, vocab_size) of one cached decoding step whose shapes never change (for
+        ``torch.compile``, see :func:`gpt2lab.kernels.compiled_decode_step`).
+
+        The tokens ``idx`` (B, 1) at position ids ``pos`` (B, 1) are written to the cache column
+        ``column`` (a (1,) tensor: another column is other data, not another graph) and attend to
+        the whole preallocated cache through ``key_mask`` (B, cache_len), True for the columns in
+        use, ``column`` included. Equal to ``self(idx, pos=pos, start=column.item(),
+        key_mask=key_mask[:, :column + 1], last_only=True)`` up to float rounding.
+        """
+        x = self.wte(idx) + self.wpe(pos)  # (B, 1, C)
+        mask = key_mask[:, None, None, :]  # (B, 1, 1, cache_len)
+        for block in self.h:
+            x = block(x, column, mask)
+        return self.lm_head(self.ln_f(x))
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Unique parameters (the tied ``lm_head`` counted once)."""
