@@ -6,6 +6,8 @@ on the balanced training split. Both run in this process, at each precision aske
 
 - gpt2lab: the training step of ``gpt2lab.train`` (per-batch padding, optionally bucketed
   by length; no LM head; frozen weights stored in bf16 under autocast).
+- gpt2lab compiled: the same, bucketed, with ``train.compile`` (``torch.compile``, one graph for
+  every batch length); its first step, which compiles, is untimed and printed.
 - transformers + peft: ``GPT2ForSequenceClassification`` + ``get_peft_model``, batches padded
   as usually written (``--hf-padding max_length``: every message padded to the longest in the
   training split with an attention mask, as the reference recipe does; ``longest``: per batch).
@@ -56,7 +58,7 @@ def cycle(loader) -> Iterator:
 
 
 def bench_gpt2lab(
-    dataset: SpamDataset, args: argparse.Namespace, precision: str, bucket: bool
+    dataset: SpamDataset, args: argparse.Namespace, precision: str, bucket: bool, compile: bool = False
 ) -> tuple[float, int, int]:
     torch.manual_seed(0)
     model = SpamClassifier(GPT2(GPT2Config.preset("gpt2")))
@@ -64,6 +66,8 @@ def bench_gpt2lab(
     if precision == "bf16":
         cast_frozen_linears(model, torch.bfloat16)
     model.train()
+    if compile:
+        model.compile(dynamic=True)  # as train.compile does
     optimizer = make_optimizer(model, 5e-5, 0.1)
     params = [p for p in model.parameters() if p.requires_grad]
     loader = make_loader(dataset, args.batch_size, shuffle=True, seed=0, bucket=bucket)
@@ -74,6 +78,9 @@ def bench_gpt2lab(
         train_step(model, batch, optimizer, params, precision=precision, grad_clip=1.0)
         return len(batch.labels)
 
+    if compile:
+        seconds, _ = time_steps(step, 0, 1)
+        print(f"(gpt2lab {precision} compiled: first step {seconds:.0f} s, compiling; untimed)")
     # Default: one whole epoch, so bucketed batches of every length are timed in proportion.
     seconds, examples = time_steps(step, args.warmup, args.steps or len(loader))
     return seconds, examples, trainable
@@ -141,6 +148,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--hf-padding", choices=["max_length", "longest"], default="max_length")
     parser.add_argument("--skip-hf", action="store_true", help="only time gpt2lab")
+    parser.add_argument("--no-compile", action="store_true", help="skip gpt2lab's compiled training (train.compile)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not os.path.isfile(args.data):
@@ -162,6 +170,9 @@ def main() -> None:
             rows.append(("transformers+peft", f"{args.hf_padding} + mask", *bench_hf(dataset, args, precision)))
         rows.append(("gpt2lab", "per batch", *bench_gpt2lab(dataset, args, precision, bucket=False)))
         rows.append(("gpt2lab", "per batch, bucketed", *bench_gpt2lab(dataset, args, precision, bucket=True)))
+        if not args.no_compile:
+            rows.append(("gpt2lab compiled", "per batch, bucketed",
+                         *bench_gpt2lab(dataset, args, precision, bucket=True, compile=True)))  # fmt: skip
         hf_rate = rows[0][3] / rows[0][2] if not args.skip_hf else None
         for name, padding, seconds, examples, trainable in rows:
             rate = examples / seconds

@@ -305,7 +305,7 @@ def test_cli_compiled_generation_prints_the_uncompiled_text(tiny_checkpoint, cap
     assert capsys.readouterr().out == plain
     assert main([*args, "--compile", "--precision", "int8"]) == 1
     out, err = capsys.readouterr()
-    assert out == "" and err.startswith("error: compiled decoding runs float weights") and err.count("\n") == 1
+    assert out == "" and err.startswith("error: torch.compile runs float weights") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("command", ["generate", "classify"])

@@ -93,6 +93,15 @@ def test_only_requested_sections_are_checked():
         Params.from_dict(raw, sections=["train"])
 
 
+def test_compiled_training_runs_in_one_process():
+    raw = _raw()
+    raw["train"].update(compile=True, nproc_per_node=2)
+    with pytest.raises(ParamsError, match=r"train\.compile: invalid value True; allowed: false with nproc_per_node > 1"):
+        Params.from_dict(raw)
+    raw["train"]["nproc_per_node"] = 1
+    assert Params.from_dict(raw).train.compile
+
+
 def test_custom_size_must_divide_heads():
     raw = _raw()
     raw["model"].update(n_embd=30, n_head=4)

@@ -121,6 +121,25 @@ def test_gradient_accumulation_takes_the_same_steps(tmp_path, train_inputs):
     assert acc["metrics"]["grad_accum_steps"] == 3 and one["metrics"]["processes"] == 1
 
 
+def test_compiled_training_takes_the_same_steps(tmp_path, train_inputs):
+    """train.compile: the classifier through torch.compile (one graph for every batch length, one for
+    evaluation); the same optimizer steps up to float rounding, the same checkpoint keys."""
+    base, data = train_inputs
+    train = _params(epochs=1, lr=5e-4, bucket=True)
+    plain = train_classifier(base, data, tmp_path / "plain", LORA, train, seed=3)
+    compiled = train_classifier(base, data, tmp_path / "compiled", LORA, dataclasses.replace(train, compile=True),
+                                seed=3)  # fmt: skip
+    a, b = ([r["loss"] for r in x["history"]["steps"]] for x in (plain, compiled))
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) <= 1e-4
+    ta, tb = (load_file(str(tmp_path / name / ADAPTER_FILE)) for name in ("plain", "compiled"))
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        torch.testing.assert_close(tb[key], ta[key], rtol=1e-3, atol=1e-5)
+    for key in ("train_accuracy", "val_accuracy"):
+        assert compiled["metrics"][key] == plain["metrics"][key], key
+
+
 def test_cuda_on_a_machine_without_it_is_one_line(tmp_path, train_inputs):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

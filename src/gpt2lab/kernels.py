@@ -116,7 +116,7 @@ def few_row_kernels(model: nn.Module) -> Iterator[nn.Module]:
 
 
 class CompileUnavailable(Gpt2labError, RuntimeError):
-    """Compiled decoding cannot run here: no C++ compiler, or weights torch.compile cannot trace (int8)."""
+    """torch.compile cannot run a model here: no C++ compiler, or weights it cannot trace (int8)."""
 
 
 def compiled_decode_step(model: GPT2) -> Callable[..., torch.Tensor]:
@@ -132,20 +132,20 @@ def compiled_decode_step(model: GPT2) -> Callable[..., torch.Tensor]:
 
 
 def check_compilable(model: nn.Module) -> None:
-    """Raise :class:`CompileUnavailable` when :func:`compiled_decode_step` cannot run ``model``: no C++
-    compiler for Inductor's kernels, or layers holding packed int8 weights (``gpt2lab.quantize``)."""
+    """Raise :class:`CompileUnavailable` when ``torch.compile`` (here: Inductor on a CPU) cannot run
+    ``model``: no C++ compiler for its kernels, or layers holding packed int8 weights (``gpt2lab.quantize``)."""
     from torch._inductor.cpp_builder import get_cpp_compiler
 
     if any(isinstance(value, torch.ScriptObject) for module in model.modules() for value in vars(module).values()):
         raise CompileUnavailable(
-            "compiled decoding runs float weights (fp32, bf16, fp16); int8 layers hold packed weights that "
-            "torch.compile cannot trace: decode int8 without compiling"
+            "torch.compile runs float weights (fp32, bf16, fp16); int8 layers hold packed weights that it "
+            "cannot trace: run int8 without compiling"
         )
     try:
         get_cpp_compiler()
     except Exception as err:  # torch raises its own InvalidCxxCompiler, or OSError, by platform
         raise CompileUnavailable(
-            f"compiled decoding needs a C++ compiler (g++ or clang++ on PATH, or set CXX): {err}".splitlines()[0]
+            f"torch.compile needs a C++ compiler (g++ or clang++ on PATH, or set CXX): {err}".splitlines()[0]
         ) from None
 
 

@@ -223,6 +223,7 @@ class TrainParams:
     num_threads: int | None = neutral(None)
     checkpoint_every: int = neutral(0)
     resume: bool = neutral(True)
+    compile: bool = neutral(False)  # torch.compile: the same steps up to float rounding, faster after compiling
 
     def validate(self, section: str) -> None:
         _require(self.mode in TRAIN_MODES, f"{section}.mode", " | ".join(TRAIN_MODES), self.mode)
@@ -270,6 +271,12 @@ class TrainParams:
             f"{section}.checkpoint_every",
             "an integer >= 0 (steps; 0 = once per epoch)",
             self.checkpoint_every,
+        )
+        _require(
+            not self.compile or self.nproc_per_node == 1,
+            f"{section}.compile",
+            "false with nproc_per_node > 1 (compiled training runs in one process)",
+            self.compile,
         )
 
 
