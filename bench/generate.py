@@ -39,7 +39,7 @@ from pathlib import Path
 
 import peers
 import torch
-from machine import fastest_read_seconds, matrices, timed
+from machine import compiler_note, fastest_read_seconds, matrices, timed
 
 from gpt2lab.convert import HF_IGNORED, HF_TABLE, convert
 from gpt2lab.devices import DTYPES
@@ -157,7 +157,7 @@ def main() -> None:
           f"torch {torch.__version__}, {threads} threads, {cpu}")  # fmt: skip
     # decoding -> gpt2lab's generate() arguments; transformers runs the plain and prompt-lookup ones
     decodings: dict[str, dict] = {"plain": {}}
-    if not args.no_compile:
+    if not args.no_compile and compiler_note() is None:
         decodings["compiled"] = {"compile": True}
     if args.lookup:
         decodings[f"prompt lookup {args.lookup}"] = {"prompt_lookup": args.lookup}

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import torch
 
+from gpt2lab.kernels import CompileUnavailable, check_compilable
 from gpt2lab.model import GPT2, PRESETS
 
 READS = 5  # memory idle for a while takes 2-3 passes to read at full speed again: keep the fastest
@@ -66,3 +67,13 @@ class Yardstick:
             f"yardstick: GPT-2 124M's fp32 weights read in {start_ms:.1f} ms at the start, {end_ms:.1f} ms at "
             f"the end (fastest of {READS}; a busier machine reads slower; compare runs whose yardsticks agree)"
         )
+
+
+def compiler_note() -> str | None:
+    """None when torch.compile can run here; else why not, printed (the benchmark leaves its compiled rows out)."""
+    try:
+        check_compilable(torch.nn.Linear(1, 1))
+    except CompileUnavailable as err:
+        print(f"gpt2lab compiled left out: {err}")
+        return str(err)
+    return None

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from machine import Yardstick
+from machine import Yardstick, compiler_note
 
 from gpt2lab.batching import SpamDataset, make_loader
 from gpt2lab.classifier import SpamClassifier, cast_frozen_linears, configure
@@ -170,7 +170,7 @@ def main() -> None:
             rows.append(("transformers+peft", f"{args.hf_padding} + mask", *bench_hf(dataset, args, precision)))
         rows.append(("gpt2lab", "per batch", *bench_gpt2lab(dataset, args, precision, bucket=False)))
         rows.append(("gpt2lab", "per batch, bucketed", *bench_gpt2lab(dataset, args, precision, bucket=True)))
-        if not args.no_compile:
+        if not args.no_compile and compiler_note() is None:
             rows.append(("gpt2lab compiled", "per batch, bucketed",
                          *bench_gpt2lab(dataset, args, precision, bucket=True, compile=True)))  # fmt: skip
         hf_rate = rows[0][3] / rows[0][2] if not args.skip_hf else None

@@ -108,6 +108,19 @@ def train_inputs(tmp_path_factory) -> tuple[Path, Path]:
 # --------------------------------------------------------------------------- a throwaway PostgreSQL
 
 
+@pytest.fixture(scope="session")
+def cpp_compiler() -> None:
+    """torch.compile's CPU kernels need a C++ compiler: skipped without one, except in CI (``CI=true``)."""
+    from gpt2lab.kernels import CompileUnavailable, check_compilable
+
+    try:
+        check_compilable(torch.nn.Linear(1, 1))
+    except CompileUnavailable as err:
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(str(err))
+        pytest.skip(f"{err} (apt-get install g++)")
+
+
 def _initdb() -> Path | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb")]
     return Path(found[-1]) if found[-1] else None

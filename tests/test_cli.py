@@ -296,7 +296,7 @@ def test_cli_int8_generates_and_classifies_close_to_fp32(tiny_checkpoint, saved,
     assert [g["spam_probability"] for g in got] == pytest.approx([w["spam_probability"] for w in expected], abs=0.05)
 
 
-def test_cli_compiled_generation_prints_the_uncompiled_text(tiny_checkpoint, capsys):
+def test_cli_compiled_generation_prints_the_uncompiled_text(tiny_checkpoint, capsys, cpp_compiler):
     args = ["generate", "Every effort moves you", "--model", str(tiny_checkpoint), "--max-new-tokens", "12",
             "--temperature", "0"]  # fmt: skip
     assert main(args) == 0

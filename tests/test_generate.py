@@ -460,13 +460,13 @@ def _compiled_steps(fn: Callable[[], object]) -> int:
         (LIVELY, [_loop_prompt()], 30, 4),  # prompt lookup: checks uncompiled, single steps compiled
     ],
 )
-def test_compiled_decoding_gives_the_tokens_of_uncompiled(cfg, prompts, n, lookup):
+def test_compiled_decoding_gives_the_tokens_of_uncompiled(cfg, prompts, n, lookup, cpp_compiler):
     model = _lively(cfg)
     expected = generate(model, prompts, n, prompt_lookup=lookup)
     assert generate(model, prompts, n, prompt_lookup=lookup, compile=True) == expected
 
 
-def test_compiled_decoding_compiles_once_per_cache_length(lm):
+def test_compiled_decoding_compiles_once_per_cache_length(lm, cpp_compiler):
     prompt = _prompt(5, 5)
     expected = generate(lm, [prompt], 10)
     generate(lm, [prompt], 3, compile=True)  # compiles (or loads Inductor's cached kernels)

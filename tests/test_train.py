@@ -121,7 +121,7 @@ def test_gradient_accumulation_takes_the_same_steps(tmp_path, train_inputs):
     assert acc["metrics"]["grad_accum_steps"] == 3 and one["metrics"]["processes"] == 1
 
 
-def test_compiled_training_takes_the_same_steps(tmp_path, train_inputs):
+def test_compiled_training_takes_the_same_steps(tmp_path, train_inputs, cpp_compiler):
     """train.compile: the classifier through torch.compile (one graph for every batch length, one for
     evaluation); the same optimizer steps up to float rounding, the same checkpoint keys."""
     base, data = train_inputs
