@@ -303,7 +303,8 @@ def stream(
         prompt_lookup: guess up to this many tokens per forward pass by prompt lookup
             (see the module docstring); 0 = off. Used for a single prompt only.
         compile: decode with ``torch.compile`` (see the module docstring); raises
-            :class:`~gpt2lab.kernels.CompileUnavailable` here when no C++ compiler is found.
+            :class:`~gpt2lab.kernels.CompileUnavailable` here when it cannot run the model (no
+            C++ compiler, or int8 layers).
 
     Yields:
         one list of B items per new token: the token id, or None for a finished row.
