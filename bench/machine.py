@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from gpt2lab.kernels import CompileUnavailable, check_compilable
+from gpt2lab.kernels import CompileUnavailable, check_compiler
 from gpt2lab.model import GPT2, PRESETS
 
 READS = 5  # memory idle for a while takes 2-3 passes to read at full speed again: keep the fastest
@@ -72,7 +72,7 @@ class Yardstick:
 def compiler_note() -> str | None:
     """None when torch.compile can run here; else why not, printed (the benchmark leaves its compiled rows out)."""
     try:
-        check_compilable(torch.nn.Linear(1, 1))
+        check_compiler()
     except CompileUnavailable as err:
         print(f"gpt2lab compiled left out: {err}")
         return str(err)

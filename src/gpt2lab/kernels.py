@@ -133,14 +133,19 @@ def compiled_decode_step(model: GPT2) -> Callable[..., torch.Tensor]:
 
 def check_compilable(model: nn.Module) -> None:
     """Raise :class:`CompileUnavailable` when ``torch.compile`` (here: Inductor on a CPU) cannot run
-    ``model``: no C++ compiler for its kernels, or layers holding packed int8 weights (``gpt2lab.quantize``)."""
-    from torch._inductor.cpp_builder import get_cpp_compiler
-
+    ``model``: layers holding packed int8 weights (``gpt2lab.quantize``), or no C++ compiler."""
     if any(isinstance(value, torch.ScriptObject) for module in model.modules() for value in vars(module).values()):
         raise CompileUnavailable(
             "torch.compile runs float weights (fp32, bf16, fp16); int8 layers hold packed weights that it "
             "cannot trace: run int8 without compiling"
         )
+    check_compiler()
+
+
+def check_compiler() -> None:
+    """Raise :class:`CompileUnavailable` when no C++ compiler for Inductor's kernels is found."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
     try:
         get_cpp_compiler()
     except Exception as err:  # torch raises its own InvalidCxxCompiler, or OSError, by platform

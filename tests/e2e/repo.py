@@ -103,13 +103,13 @@ def wait_for_queue(repo: Repo, names: tuple[str, ...]) -> dict[str, str]:
     """Poll ``dvc queue status`` until the named experiments succeeded or failed; their states."""
     deadline = time.monotonic() + QUEUE_TIMEOUT_S
     while True:
-        done = repo.dvc("queue", "status", check=False)
-        if done.returncode != 0 and any(sign in done.stdout + done.stderr for sign in TORN_READ) and time.monotonic() < deadline:
+        try:
+            table = repo.dvc("queue", "status").stdout
+        except AssertionError as err:
+            if not any(sign in str(err) for sign in TORN_READ) or time.monotonic() > deadline:
+                raise
             time.sleep(1)  # DVC read a task's JSON file while a worker was writing it: ask again
             continue
-        if done.returncode != 0:
-            raise AssertionError(f"dvc queue status failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-        table = done.stdout
         status = {n: s for n, s in re.findall(r"^\w+\s+(\S+)\s+.*?\s(Queued|Running|Success|Failed)\s*$", table, re.M)}
         if all(status.get(n) in ("Success", "Failed") for n in names) or time.monotonic() > deadline:
             return status
