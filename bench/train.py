@@ -12,8 +12,10 @@ on the balanced training split. Both run in this process, at each precision aske
   as usually written (``--hf-padding max_length``: every message padded to the longest in the
   training split with an attention mask, as the reference recipe does; ``longest``: per batch).
 
-Prints a table of examples/s and the machine's load as a yardstick (``machine.Yardstick``); it
-asserts nothing about timings.
+Prints a table of examples/s, with the token positions each framework runs per step of
+``--batch-size`` messages and the share of them that is padding (a step's cost grows with its
+positions), and the machine's load as a yardstick (``machine.Yardstick``); it asserts nothing
+about timings.
 
     python bench/train.py                                        # both precisions
     python bench/train.py --precision bf16 --steps 20 --hf-steps 5  # a quick look
@@ -25,6 +27,7 @@ import argparse
 import os
 import time
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,14 +45,30 @@ TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 EPOCHS = 5
 
 
-def time_steps(step: Callable[[], int], warmup: int, steps: int) -> tuple[float, int]:
-    """Run ``warmup`` untimed then ``steps`` timed calls of ``step`` (returns batch size); (seconds, examples)."""
+class Work(NamedTuple):
+    """What timed steps computed: messages, token positions run (padding included) and real tokens."""
+
+    examples: int
+    positions: int
+    tokens: int
+
+    def __add__(self, other: tuple) -> Work:
+        return Work(*(a + b for a, b in zip(self, other)))
+
+    @classmethod
+    def of(cls, ids: torch.Tensor, lengths: torch.Tensor) -> Work:
+        """The work of one batch: ``ids`` (B, T) padded, ``lengths`` (B,)."""
+        return cls(len(ids), ids.numel(), int(lengths.sum()))
+
+
+def time_steps(step: Callable[[], Work], warmup: int, steps: int) -> tuple[float, Work]:
+    """Run ``warmup`` untimed then ``steps`` timed calls of ``step``; (seconds, the timed steps' work)."""
     for _ in range(warmup):
         step()
-    examples, t0 = 0, time.perf_counter()
+    work, t0 = Work(0, 0, 0), time.perf_counter()
     for _ in range(steps):
-        examples += step()
-    return time.perf_counter() - t0, examples
+        work += step()
+    return time.perf_counter() - t0, work
 
 
 def cycle(loader) -> Iterator:
@@ -59,7 +78,7 @@ def cycle(loader) -> Iterator:
 
 def bench_gpt2lab(
     dataset: SpamDataset, args: argparse.Namespace, precision: str, bucket: bool, compile: bool = False
-) -> tuple[float, int, int]:
+) -> tuple[float, Work, int]:
     torch.manual_seed(0)
     model = SpamClassifier(GPT2(GPT2Config.preset("gpt2")))
     trainable = configure(model, "lora", LoRAConfig(args.rank, float(args.rank), 0.0, TARGETS))
@@ -73,20 +92,20 @@ def bench_gpt2lab(
     loader = make_loader(dataset, args.batch_size, shuffle=True, seed=0, bucket=bucket)
     batches = cycle(loader)
 
-    def step() -> int:
+    def step() -> Work:
         batch = next(batches)
         train_step(model, batch, optimizer, params, precision=precision, grad_clip=1.0)
-        return len(batch.labels)
+        return Work.of(batch.ids, batch.lengths)
 
     if compile:
         seconds, _ = time_steps(step, 0, 1)
         print(f"(gpt2lab {precision} compiled: first step {seconds:.0f} s, compiling; untimed)")
     # Default: one whole epoch, so bucketed batches of every length are timed in proportion.
-    seconds, examples = time_steps(step, args.warmup, args.steps or len(loader))
-    return seconds, examples, trainable
+    seconds, work = time_steps(step, args.warmup, args.steps or len(loader))
+    return seconds, work, trainable
 
 
-def bench_hf(dataset: SpamDataset, args: argparse.Namespace, precision: str) -> tuple[float, int, int]:
+def bench_hf(dataset: SpamDataset, args: argparse.Namespace, precision: str) -> tuple[float, Work, int]:
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import GPT2Config as HFConfig
     from transformers import GPT2ForSequenceClassification
@@ -121,7 +140,7 @@ def bench_hf(dataset: SpamDataset, args: argparse.Namespace, precision: str) -> 
 
     it = batches()
 
-    def step() -> int:
+    def step() -> Work:
         ids, mask, labels = next(it)
         with autocast(precision):
             logits = model(input_ids=ids, attention_mask=mask).logits
@@ -130,10 +149,10 @@ def bench_hf(dataset: SpamDataset, args: argparse.Namespace, precision: str) -> 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad()
-        return len(labels)
+        return Work.of(ids, mask.sum(1))
 
-    seconds, examples = time_steps(step, args.warmup, args.hf_steps)
-    return seconds, examples, trainable
+    seconds, work = time_steps(step, args.warmup, args.hf_steps)
+    return seconds, work, trainable
 
 
 def main() -> None:
@@ -158,8 +177,8 @@ def main() -> None:
     print(f"{n} training messages, mean {sum(dataset.lengths) / n:.1f} tokens, longest {max(dataset.lengths)}; "
           f"batch {args.batch_size}, LoRA rank {args.rank}, {args.threads} threads")  # fmt: skip
     header = (
-        f"{'framework':<18} {'precision':<9} {'padding':<20} {'trainable':>10} {'examples/s':>10} "
-        f"{'5 epochs':>9} {'vs hf':>6}"
+        f"{'framework':<18} {'precision':<9} {'padding':<20} {'trainable':>10} {'positions/step':>14} "
+        f"{'of them padding':>15} {'examples/s':>10} {'5 epochs':>9} {'vs hf':>6}"
     )
     yardstick = Yardstick()
     start_ms = yardstick.read_ms()
@@ -173,13 +192,16 @@ def main() -> None:
         if not args.no_compile and compiler_note() is None:
             rows.append(("gpt2lab compiled", "per batch, bucketed",
                          *bench_gpt2lab(dataset, args, precision, bucket=True, compile=True)))  # fmt: skip
-        hf_rate = rows[0][3] / rows[0][2] if not args.skip_hf else None
-        for name, padding, seconds, examples, trainable in rows:
-            rate = examples / seconds
+        hf_rate = rows[0][3].examples / rows[0][2] if not args.skip_hf else None
+        for name, padding, seconds, work, trainable in rows:
+            rate = work.examples / seconds
             epochs_min = EPOCHS * n / rate / 60
             vs = f"{rate / hf_rate:.1f}x" if hf_rate else "-"
+            per_step = work.positions * args.batch_size / work.examples
+            wasted = 1 - work.tokens / work.positions
             print(
-                f"{name:<18} {precision:<9} {padding:<20} {trainable:>10,} {rate:>10.1f} {epochs_min:>7.1f} m {vs:>6}"
+                f"{name:<18} {precision:<9} {padding:<20} {trainable:>10,} {per_step:>14.0f} {wasted:>15.0%} "
+                f"{rate:>10.1f} {epochs_min:>7.1f} m {vs:>6}"
             )
     print(yardstick.line(start_ms, yardstick.read_ms()))
 
