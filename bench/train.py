@@ -180,6 +180,7 @@ def main() -> None:
         f"{'framework':<18} {'precision':<9} {'padding':<20} {'trainable':>10} {'positions/step':>14} "
         f"{'of them padding':>15} {'examples/s':>10} {'5 epochs':>9} {'vs hf':>6}"
     )
+    compiled = not args.no_compile and compiler_note() is None
     yardstick = Yardstick()
     start_ms = yardstick.read_ms()
     print(header + "\n" + "-" * len(header))
@@ -189,7 +190,7 @@ def main() -> None:
             rows.append(("transformers+peft", f"{args.hf_padding} + mask", *bench_hf(dataset, args, precision)))
         rows.append(("gpt2lab", "per batch", *bench_gpt2lab(dataset, args, precision, bucket=False)))
         rows.append(("gpt2lab", "per batch, bucketed", *bench_gpt2lab(dataset, args, precision, bucket=True)))
-        if not args.no_compile and compiler_note() is None:
+        if compiled:
             rows.append(("gpt2lab compiled", "per batch, bucketed",
                          *bench_gpt2lab(dataset, args, precision, bucket=True, compile=True)))  # fmt: skip
         hf_rate = rows[0][3].examples / rows[0][2] if not args.skip_hf else None
