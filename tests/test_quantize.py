@@ -21,6 +21,7 @@ from gpt2lab.quantize import (
     Int8UnsupportedError,
     check_int8,
     int8_unsupported_reason,
+    quantize_input,
     quantize_int8,
     quantize_weight,
 )
@@ -53,9 +54,8 @@ def test_int8_linear_is_the_linear_layer_on_its_int8_weight(workload):
     torch.manual_seed(1)
     linear = nn.Linear(64, 96)
     fast = Int8Linear.from_linear(linear, ENGINES[workload])
-    weight, bias = fast.dequantized()
-    assert (weight - linear.weight).abs().max() <= weight.abs().amax(1).max() / 254 + 1e-7
-    torch.testing.assert_close(bias, linear.bias.detach())
+    q, scale = quantize_weight(linear.weight)
+    weight = q.float() * scale[:, None]  # what the kernel multiplies by
     for shape in [(1, 64), (3, 5, 64), (2, 1, 64)]:
         x = torch.randn(shape)
         with torch.inference_mode():
@@ -63,7 +63,23 @@ def test_int8_linear_is_the_linear_layer_on_its_int8_weight(workload):
         exact = F.linear(x, linear.weight, linear.bias).detach()
         assert y.shape == exact.shape and y.dtype == torch.float32
         assert (y - exact).abs().max() <= LAYER_RTOL * exact.abs().max()
+        # On the int8 weight, only the input's rounding (half a step of its one scale) is left.
+        step = (x.max().clamp(min=0) - x.min().clamp(max=0)) / 255
+        on_int8 = F.linear(x, weight, linear.bias).detach()
+        assert (y - on_int8).abs().max() <= step / 2 * weight.abs().sum(1).max() * 1.01 + 1e-5
     assert fast(torch.randn(2, 64).bfloat16()).dtype == torch.float32  # any float input; fp32 out
+
+
+def test_inputs_are_quantized_to_the_nearest_step_of_a_range_that_holds_zero():
+    x = torch.tensor([[0.5, 1.0, 2.0], [0.25, 1.5, 0.75]])  # all positive: the range starts at 0
+    q, scale, zero_point = quantize_input(x)
+    assert q.dtype == torch.uint8 and q.shape == x.shape and zero_point == 0 and scale == pytest.approx(2.0 / 255)
+    assert torch.all(((q.float() - zero_point) * scale - x).abs() <= scale / 2 * (1 + 1e-6))
+    y = torch.randn(40, 7, generator=torch.Generator().manual_seed(0)) - 1.0  # both signs
+    q, scale, zero_point = quantize_input(y)
+    assert 0 < zero_point < 255 and int(q.min()) == 0 and int(q.max()) >= 254
+    assert torch.all(((q.float() - zero_point) * scale - y).abs() <= scale * (0.5 + 1e-4))
+    assert quantize_input(torch.zeros(2, 3))[0].eq(0).all()  # all zeros: no division by zero
 
 
 @pytest.mark.parametrize("workload", sorted(ENGINES))

@@ -6,11 +6,10 @@
 file and ``params.yaml`` are untouched: quantizing GPT-2 124M at load takes ~1.5 s. Everything
 else (embeddings, layer norms, attention, the KV cache, biases) stays fp32.
 
-The kernels are PyTorch's dynamic-quantization linears (``quantized::linear_dynamic``): the
-int8 weight, plus each input quantized to uint8 on the fly (one scale per call) so the matmul
-runs on int8 VNNI/AMX instructions; the result is fp32. Two backends pack the weight
-differently, and each wins at one end (2-core AVX-512-VNNI/AMX CPU, torch 2.13, 1 thread, the
-machine shared, so min of 7; ms)::
+The kernels are PyTorch's dynamic-quantization matmuls: the int8 weight, plus each input
+quantized to uint8 on the fly (one scale per call) so the matmul runs on int8 VNNI/AMX
+instructions; the result is fp32. Two backends pack the weight differently, and each wins at
+one end (2-core AVX-512-VNNI/AMX CPU, torch 2.13, 1 thread, the machine shared, so min of 7; ms)::
 
     decoding, 1 row: GPT-2 124M's 48 block matrices + lm_head streamed once (cold)
         fp32 mv 45.3 | bf16 mv 29.2 | fbgemm 15.0 | oneDNN 18.0 | _weight_int8pack_mm (bf16) 24.7
@@ -19,13 +18,18 @@ machine shared, so min of 7; ms)::
         fp32 13.3 | bf16 (AMX) 2.10 | fbgemm 4.7 | oneDNN (AMX int8) 1.34 | int8pack 31.1
         | torch._int_mm 2.7
 
-So generation packs for fbgemm (``workload="decode"``) and the classifier for oneDNN
-(``"batch"``). With many rows the MLP's tanh-GELU on the (rows, 3072) activations costs more
-than its int8 matmul (``F.gelu(approximate="tanh")``: 7.4 ms for 1280 x 3072 fp32, 1 thread,
-against 1.9 ms for the erf form), so for batches :class:`Int8MLP` is swapped in for GPT-2's MLP
-and runs ``c_fc`` + GELU as one oneDNN int8 matmul with GELU applied to its output tile
-(1280 rows, 768 -> 3072: 7.9 ms fused, 11.8 ms matmul then ``F.gelu``). The LM head (tied to ``wte``: 50257 x 768, the largest matrix read per token)
-gets its own int8 copy when it is quantized; the fp32 ``wte`` still serves the embedding lookup.
+So generation packs for fbgemm (``workload="decode"``, ``quantized::linear_dynamic``) and the
+classifier for oneDNN (``"batch"``, ``onednn::qlinear_pointwise``). With many rows, quantizing the
+input costs about as much as the matmul (1024 x 3072 -> 768, 2 threads: ~1.25 ms inside
+``linear_dynamic``, 1.75 ms with ``quantize_per_tensor_dynamic`` + ``int_repr``, 1.3 ms to
+multiply), so the batch layers quantize it in two cheaper passes (:func:`quantize_input`: 0.76 ms),
+which made the classifier's int8 pass ~8% faster. The MLP's tanh-GELU on the (rows, 3072)
+activations costs more than its int8 matmul (``F.gelu(approximate="tanh")``: 7.4 ms for 1280 x 3072
+fp32, 1 thread, against 1.9 ms for the erf form), so for batches :class:`Int8MLP` is swapped in for
+GPT-2's MLP and runs ``c_fc`` + GELU as one oneDNN int8 matmul with GELU applied to its output tile
+(1280 rows, 768 -> 3072: 7.9 ms fused, 11.8 ms matmul then ``F.gelu``). The LM head (tied to
+``wte``: 50257 x 768, the largest matrix read per token) gets its own int8 copy when it is
+quantized; the fp32 ``wte`` still serves the embedding lookup.
 
 Quality (measured by ``bench/generate.py`` and ``bench/classify.py``; see the README): each
 output deviates from fp32 by about ``max|w_row| / 254`` per weight plus the input's rounding,
@@ -98,75 +102,85 @@ def _engine(name: str) -> Iterator[None]:
         torch.backends.quantized.engine = previous
 
 
+def quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """x (N, in) fp32 -> uint8 (N, in), its scale and zero point: one scale for the whole call,
+    asymmetric over the range widened to hold 0 (``x ~= (q - zero_point) * scale``), as PyTorch's
+    dynamic quantization does.
+
+    Two passes over ``x`` (``aminmax``, then ``quantize_per_tensor``), and the uint8 tensor is a
+    view of the quantized tensor's bytes: ``quantize_per_tensor_dynamic`` then ``int_repr`` took
+    twice as long (1024 x 3072: 1.75 vs 0.76 ms), half of it in ``int_repr``'s copy.
+    """
+    lo, hi = (v.item() for v in torch.aminmax(x))
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 255 or 1.0  # an all-zero input: any scale is exact
+    zero_point = min(255, round(-lo / scale))
+    xq = torch.quantize_per_tensor(x.contiguous(), scale, zero_point, torch.quint8)
+    return torch.empty(0, dtype=torch.uint8).set_(xq.untyped_storage(), 0, x.shape), scale, zero_point
+
+
 class Int8Linear(nn.Module):
     """An inference-only linear layer with an int8 weight (per-output-channel scales) and an fp32 bias.
 
     ``forward``: x (..., in) of any float dtype -> fp32 (..., out). The weight lives only in the
-    packed form of one backend (``engine``: ``fbgemm`` or ``onednn``).
+    packed form of one backend (``engine``): ``fbgemm`` runs ``quantized::linear_dynamic`` (the
+    input quantized inside the kernel); ``onednn`` quantizes the input with
+    :func:`quantize_input` and runs ``onednn::qlinear_pointwise``, which applies
+    :attr:`post_op` to each output tile before it is written.
     """
+
+    post_op: tuple[str, str] = ("none", "")  # oneDNN's post-op name and algorithm (onednn only)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, engine: str):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.engine = engine
-        q, scale = quantize_weight(weight)
-        zero_points = torch.zeros(self.out_features, dtype=torch.long)
+        q, self._scale = quantize_weight(weight)  # (out, in) int8, (out,) fp32
+        self._zero_points = torch.zeros(self.out_features, dtype=torch.long)
+        self._bias = None if bias is None else bias.detach().float().contiguous()
         with _engine(engine), warnings.catch_warnings():
-            # torch 2.13 marks quantized tensors as deprecated; the pinned torch still packs them.
+            # torch 2.13 marks quantized tensors as deprecated (warning once per process); the pinned
+            # torch still runs them, so the warning is spent here rather than in the first forward.
             warnings.simplefilter("ignore", UserWarning)
-            qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero_points, 0)
-            b = None if bias is None else bias.detach().float().contiguous()
-            self._packed = torch.ops.quantized.linear_prepack(qweight, b)
+            if engine == "onednn":
+                self._packed = torch.ops.onednn.qlinear_prepack(q, None)
+                torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
+            else:
+                qweight = torch._make_per_channel_quantized_tensor(q, self._scale.double(), self._zero_points, 0)
+                self._packed = torch.ops.quantized.linear_prepack(qweight, self._bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear | LoRALinear, engine: str) -> Int8Linear:
         """Quantize ``linear``'s (merged) weight and keep its bias in fp32."""
         return cls(linear.weight, linear.bias, engine)
 
-    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weight (out, in) as the kernel sees it (int8 x scale, fp32) and the bias (out,)."""
-        qweight, bias = torch.ops.quantized.linear_unpack(self._packed)
-        return qweight.dequantize(), bias
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out) fp32."""
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self._packed)  # (N, out)
+        x2 = x.reshape(-1, self.in_features).float()  # (N, in)
+        if self.engine == "onednn":
+            xq, x_scale, x_zero_point = quantize_input(x2)
+            name, algorithm = self.post_op
+            y = torch.ops.onednn.qlinear_pointwise(
+                xq, x_scale, x_zero_point, self._packed, self._scale, self._zero_points, self._bias,
+                1.0, 0, torch.float32, name, [], algorithm,
+            )  # fmt: skip  (N, out)
+        else:
+            y = torch.ops.quantized.linear_dynamic(x2, self._packed)  # (N, out)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, engine={self.engine}"
+        post = "" if self.post_op[0] == "none" else f", post_op={self.post_op[0]}_{self.post_op[1]}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, engine={self.engine}{post}"
 
 
-class Int8GeluLinear(nn.Module):
-    """``gelu_tanh(x W^T + b)`` with an int8 ``W`` (per output channel): one oneDNN matmul on uint8
-    inputs (quantized per call, one scale) whose output tile gets GELU before it is written.
+class Int8GeluLinear(Int8Linear):
+    """``gelu_tanh(x W^T + b)`` with an int8 ``W``: one oneDNN matmul whose output tile gets GELU
+    before it is written. For many rows (see the module docstring)."""
 
-    ``forward``: x (..., in) -> fp32 (..., out). For many rows (see the module docstring).
-    """
+    post_op = ("gelu", "tanh")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        q, self._scale = quantize_weight(weight)  # (out, in) int8, (out,) fp32
-        self._packed = torch.ops.onednn.qlinear_prepack(q, None)
-        self._zero_points = torch.zeros(self.out_features, dtype=torch.long)
-        self._bias = None if bias is None else bias.detach().float().contiguous()
-        with warnings.catch_warnings():
-            # torch 2.13 warns once per process that quantized tensors are deprecated; let it happen here.
-            warnings.simplefilter("ignore", UserWarning)
-            torch.quantize_per_tensor_dynamic(torch.zeros(1), torch.quint8, False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) -> (..., out) fp32."""
-        xq = torch.quantize_per_tensor_dynamic(x.reshape(-1, self.in_features).float(), torch.quint8, False)
-        y = torch.ops.onednn.qlinear_pointwise(
-            xq.int_repr(), xq.q_scale(), xq.q_zero_point(), self._packed, self._scale, self._zero_points, self._bias,
-            1.0, 0, torch.float32, "gelu", [], "tanh",
-        )  # fmt: skip  (N, out)
-        return y.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, engine=onednn, post_op=gelu_tanh"
+        super().__init__(weight, bias, "onednn")
 
 
 class Int8MLP(nn.Module):
