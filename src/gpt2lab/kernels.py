@@ -29,9 +29,9 @@ a C++ wrapper (no Python between ops) and fused kernels for the ops between the 
 the matrix-vector products stay MKL's ``addmv`` (Inductor would generate its own, ~40% slower
 here) and attention is decomposed into matmuls and a softmax that Inductor fuses (ATen's CPU
 flash-attention kernel, Inductor's default, made the step 6-7% slower): per step, fp32 ~77% ->
-~88-94% of the floor, bf16 ~65% -> ~80% (same machine). The
-first step of each cache length compiles for ~25 s (Inductor's disk cache makes later
-processes take seconds), so it is a choice (``generate(..., compile=True)``), not the default.
+~88-94% of the floor, bf16 ~65% -> ~80% (same machine). The first step of each cache length
+compiles for ~25 s (Inductor's disk cache makes later processes take seconds), so it is a
+choice (``generate(..., compile=True)``), not the default.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def _compiled() -> Callable[..., torch.Tensor]:
     table: dict[Any, Callable] = {op: fn for op, fn in decomposition.select_decomp_table().items() if op not in keep}
     table[aten.mv.default] = _mv_as_addmv  # addmv has a C++ entry point in Inductor's wrapper, mv does not
     # Attention of one query as plain matmuls and a softmax that Inductor fuses, not ATen's CPU flash
-    # kernel (Inductor's default keeps it): the kernel's blocking costs ~0.1 ms a call at one query.
+    # kernel (which Inductor's default keeps): with it the whole step was 6-7% slower here.
     flash = aten._scaled_dot_product_flash_attention_for_cpu.default
     table[flash] = decomp.decomposition_table[flash]
     backend = functools.partial(compile_fx, decompositions=table, config_patches={"cpp_wrapper": True})
