@@ -276,8 +276,9 @@ def main() -> None:
         for (text, precision), share in agreement.items():
             print(f"| {text} | {precision} | {share:.1%} |")
     if floors:
-        print("\nThe floor: reading every weight once (a matrix-vector product each; the fastest of 4 reads in "
-              "each repeat, beside the decodings): no plain decoder of batch 1 passes 1 / floor (memory bandwidth). "
+        print("\nThe floor: reading every weight once (a matrix-vector product each, by torch.mv or, in bf16, "
+              "gpt2lab's own kernel, whichever reads faster; the fastest of 4 reads in each repeat, beside the "
+              "decodings): no plain decoder of batch 1 passes 1 / floor (memory bandwidth). "
               "Prompt lookup reads the weights once per guess set.\n")  # fmt: skip
         print("| text | precision | floor ms | floor tok/s | gpt2lab plain tok/s | share of the floor "
               "| compiled tok/s | share of the floor |")  # fmt: skip

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -117,6 +118,20 @@ def cpp_compiler() -> None:
         check_compiler()
     except CompileUnavailable as err:
         _skip_or_fail_in_ci(f"{err} (apt-get install g++)")
+
+
+@pytest.fixture(scope="session")
+def bf16_kernel() -> Callable[..., torch.Tensor]:
+    """gpt2lab's bf16 matrix-vector kernel (built here if needed). Skipped on a CPU without
+    AVX512-BF16 (it cannot run there); without a compiler or ninja, skipped except in CI."""
+    from gpt2lab.kernels import bf16_addmv_op
+
+    if not torch.cpu._is_avx512_bf16_supported():
+        pytest.skip("this CPU has no AVX512-BF16: bf16 decoding runs torch.addmv")
+    op = bf16_addmv_op()
+    if op is None:
+        _skip_or_fail_in_ci("gpt2lab's bf16 kernel could not be built (a C++ compiler and ninja are needed)")
+    return op
 
 
 def _skip_or_fail_in_ci(why: str) -> None:

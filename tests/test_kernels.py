@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import logging
+
 import pytest
 import torch
 import torch.nn as nn
 from torch.profiler import profile
 
+from gpt2lab import kernels
 from gpt2lab.generate import generate, stream
-from gpt2lab.kernels import FEW_ROWS, FewRowLinear, few_row_kernels
+from gpt2lab.kernels import FEW_ROWS, FewRowLinear, bf16_addmv_op, compiled_decode_step, few_row_kernels
 from gpt2lab.lora import LoRAConfig, LoRALinear, apply_lora
 from gpt2lab.model import GPT2, GPT2Config
 
@@ -30,6 +33,8 @@ def _aten_ops(fn: Callable[[], object]) -> set[str]:
 def _kernel(dtype: torch.dtype, rows: int, bias: bool) -> str:
     """The op FewRowLinear runs for a large weight (the measured choices in kernels.py)."""
     if rows == 1:
+        if dtype == torch.bfloat16 and bf16_addmv_op() is not None:
+            return "gpt2lab::bf16_addmv"
         return "aten::addmv" if bias else "aten::mv"
     if rows > FEW_ROWS or (dtype == torch.float32 and rows < 4):
         return "aten::linear"
@@ -41,7 +46,8 @@ def _kernel(dtype: torch.dtype, rows: int, bias: bool) -> str:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_few_row_projections_equal_the_linear_layer(dtype):
     """At inference, FewRowLinear runs its own kernel for 1..FEW_ROWS rows of a weight large enough
-    to be streamed (1 row: addmv; bf16: W @ x^T; fp32 from 4 rows: oneDNN) and agrees with F.linear."""
+    to be streamed (1 row: addmv, or gpt2lab's bf16 kernel; bf16: W @ x^T; fp32 from 4 rows: oneDNN)
+    and agrees with F.linear."""
     torch.manual_seed(5)
     for bias in (True, False):
         layer = nn.Linear(1024, 1024, bias=bias).to(dtype)  # 1M elements: above both thresholds
@@ -75,7 +81,7 @@ def test_single_row_projection_equals_linear(dtype, tol):
     x = torch.randn(1, 1, 64, dtype=dtype)
     with torch.inference_mode():
         fast = layer(x)
-        assert "aten::addmv" in _aten_ops(lambda: layer(x))
+        assert _kernel(dtype, 1, bias=True) in _aten_ops(lambda: layer(x))
     ref = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
     assert fast.shape == (1, 1, 96) and torch.allclose(fast.double(), ref, atol=tol, rtol=tol)
 
@@ -131,6 +137,95 @@ def test_cached_steps_equal_the_plain_linear_path(dtype):
     with few_row_kernels(model):
         fast = steps()
         ops = _aten_ops(steps)
-    assert "aten::addmv" in ops  # the decoding step took the fast path
+    assert _kernel(dtype, 1, bias=True) in ops  # the decoding step took the fast path
     plain = steps()
     torch.testing.assert_close(fast, plain, **MODEL_TOLERANCE[dtype])
+
+
+# --- gpt2lab's bf16 matrix-vector kernel -------------------------------------------------------
+def _exact_and_bound(bias: torch.Tensor | None, w: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact ``w @ x + bias`` (fp64), and how far a bf16 result of an fp32 sum may be from it:
+    half a bf16 step (rounded once: 2^-8 relative, bf16 keeps 8 significant bits) plus fp32's
+    summation error."""
+    exact = w.double() @ x.double() + (0.0 if bias is None else bias.double())
+    magnitude = w.double().abs() @ x.double().abs() + (0.0 if bias is None else bias.double().abs())
+    return exact, exact.abs() * 2**-8 + magnitude * (w.shape[1] + 1) * 2**-24
+
+
+@pytest.mark.parametrize(
+    "out_features,in_features",
+    [(1, 32), (8, 64), (13, 70), (96, 31), (250, 1000)],  # row blocks of 8 and not, columns in 32s and not
+)
+def test_bf16_kernel_is_the_exact_product_rounded_once(bf16_kernel, out_features, in_features):
+    g = torch.Generator().manual_seed(out_features)
+    w, x, b = (torch.randn(*shape, generator=g).bfloat16() for shape in
+               ((out_features, in_features), (in_features,), (out_features,)))  # fmt: skip
+    for bias in (b, None):
+        y = bf16_kernel(bias, w, x)
+        assert y.dtype == torch.bfloat16 and y.shape == (out_features,)
+        exact, bound = _exact_and_bound(bias, w, x)
+        assert ((y.double() - exact).abs() <= bound).all()
+        # ATen's addmv meets the same bound: the two differ by at most a rounding step
+        assert ((torch.addmv(b if bias is None else bias, w, x, beta=0 if bias is None else 1).double() - exact).abs()
+                <= bound).all()  # fmt: skip
+
+
+def test_bf16_kernel_reads_strided_inputs_and_names_bad_shapes(bf16_kernel):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 24, generator=g).bfloat16().t()  # (24, 40), column-major
+    x = torch.randn(80, generator=g).bfloat16()[::2]  # (40,), every other element
+    exact, bound = _exact_and_bound(None, w, x)
+    assert ((bf16_kernel(None, w, x).double() - exact).abs() <= bound).all()
+    with pytest.raises(RuntimeError, match=r"weight \(out, in\) and vec \(in,\) expected, got \[24, 40\] and \[41\]"):
+        bf16_kernel(None, w, torch.zeros(41, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="bf16 weight and vec expected"):
+        bf16_kernel(None, w.float(), x.float())
+
+
+def test_without_the_bf16_kernel_one_row_runs_addmv(monkeypatch, caplog):
+    """Where the kernel cannot be built (here: no C++ compiler), one warning and ATen's addmv."""
+
+    def no_compiler() -> None:
+        raise kernels.CompileUnavailable("torch.compile needs a C++ compiler (g++ or clang++ on PATH, or set CXX)")
+
+    monkeypatch.setattr(kernels, "check_compiler", no_compiler)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    kernels._load_bf16_addmv.cache_clear()
+    try:
+        layer = FewRowLinear.from_linear(nn.Linear(64, 96).to(torch.bfloat16))
+        x = torch.randn(1, 64, dtype=torch.bfloat16)
+        with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="gpt2lab.kernels"):
+            ops = _aten_ops(lambda: layer(x))
+            layer(x)
+        assert "aten::addmv" in ops and "gpt2lab::bf16_addmv" not in ops
+        warnings = [r.getMessage() for r in caplog.records]
+        assert warnings == ["bf16 decoding runs torch.addmv: gpt2lab's bf16 kernel is unavailable "
+                            "(torch.compile needs a C++ compiler (g++ or clang++ on PATH, or set CXX))"]  # fmt: skip
+    finally:
+        kernels._load_bf16_addmv.cache_clear()  # the next caller loads the real one again
+
+
+def test_compiled_bf16_decoding_runs_the_bf16_kernel(bf16_kernel, cpp_compiler):
+    """Compiled bf16 steps call the kernel (not ATen's addmv) and give eager bf16's logits up to rounding."""
+    cfg = GPT2Config(vocab_size=96, n_ctx=64, n_embd=64, n_layer=2, n_head=4)
+    torch.manual_seed(4)
+    model = GPT2(cfg).eval().to(torch.bfloat16)
+    tokens = torch.tensor([[5], [17], [3]])
+
+    def steps(step: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """Logits of three cached decoding steps, one token each."""
+        model.setup_cache(batch_size=1, max_len=8)
+        key_mask = torch.zeros(1, 8, dtype=torch.bool)
+        logits = []
+        with torch.inference_mode(), few_row_kernels(model):
+            for t, token in enumerate(tokens):
+                key_mask[0, t] = True
+                logits.append(step(token[None], torch.tensor([[t]]), torch.tensor([t]), key_mask))
+        return torch.cat(logits, dim=1)
+
+    compiled = compiled_decode_step(model)
+    eager = steps(model.decode_step)
+    assert "gpt2lab::bf16_addmv" in _aten_ops(lambda: steps(model.decode_step))
+    torch.testing.assert_close(steps(compiled), eager, **MODEL_TOLERANCE[torch.bfloat16])
+    ops = _aten_ops(lambda: steps(compiled))
+    assert "gpt2lab::bf16_addmv" in ops and "aten::addmv" not in ops

@@ -12,6 +12,12 @@ AVX-512/AMX CPU, torch 2.13, 2 threads)::
     8            45.9      30.5   |       16.7      11.8
     16           44.7      35.7   |       16.3      11.2
 
+One bf16 row runs gpt2lab's own kernel where the CPU has AVX512-BF16 (:func:`bf16_addmv_op`,
+``csrc/bf16_gemv.cpp``): ATen's bf16 ``addmv`` widens every weight to fp32 before multiplying and
+reads ~20% slower than fp32's does, while ``vdpbf16ps`` multiplies bf16 pairs into fp32 sums in
+one instruction and 8 rows share each load of the vector: the 49 matrices of 124M in 10.6-12.2
+ms against ``addmv``'s 12.0-14.1 (alternating, same process), the pace of fp32's read per byte.
+
 MKL's fp32 GEMM (F.linear) keeps the pace of a GEMV up to 3 rows only; oneDNN's inner product
 (``mkldnn::_linear_pointwise``, the op Inductor emits for CPU linears; torch is pinned) slows
 down less. In bf16, W @ x^T costs what one row does. Both only pay off for a weight streamed
@@ -26,9 +32,10 @@ What is left of a decoding step past its weight reads is the ~15 small ops per b
 the matmuls, each dispatched from Python with caches the weight stream has flushed: ~5 of 25
 ms in fp32. :func:`compiled_decode_step` compiles :meth:`GPT2.decode_step` with Inductor into
 a C++ wrapper (no Python between ops) and fused kernels for the ops between the matmuls, while
-the matrix-vector products stay MKL's ``addmv`` (Inductor would generate its own, ~40% slower
-here) and attention is decomposed into matmuls and a softmax that Inductor fuses (ATen's CPU
-flash-attention kernel, Inductor's default, made the step 6-7% slower): per step, fp32 ~77% ->
+the matrix-vector products stay MKL's ``addmv`` in fp32 and gpt2lab's kernel in bf16 (Inductor
+would generate its own, ~40% slower here) and attention is decomposed into matmuls and a
+softmax that Inductor fuses (ATen's CPU flash-attention kernel, Inductor's default, made the
+step 6-7% slower): per step, fp32 ~77% ->
 ~88-94% of the floor, bf16 ~65% -> ~80% (same machine). The first step of each cache length
 compiles for ~25 s (Inductor's disk cache makes later processes take seconds), so it is a
 choice (``generate(..., compile=True)``), not the default.
@@ -38,7 +45,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import subprocess
+import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,7 +58,11 @@ import torch.nn as nn
 from gpt2lab.errors import Gpt2labError
 from gpt2lab.model import GPT2
 
+log = logging.getLogger(__name__)
+
 FEW_ROWS = 16
+_BF16_GEMV_SOURCE = Path(__file__).with_name("csrc") / "bf16_gemv.cpp"
+_BF16_GEMV_LOCK = threading.Lock()
 _MIN_STREAMED = {torch.float32: 1 << 20, torch.bfloat16: 1 << 19}  # weight elements
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -80,7 +95,11 @@ class FewRowLinear(nn.Linear):
         weight, bias = self.weight, self.bias  # (out, in), (out,) or None
         if rows == 1:
             row = x.reshape(-1)  # (in,)
-            y = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)  # (out,)
+            # (Compiled, addmv is traced and the compiled graph's decompositions pick the kernel.)
+            if x.dtype == torch.bfloat16 and not torch.compiler.is_compiling() and (op := bf16_addmv_op()):
+                y = op(bias, weight, row)  # (out,)
+            else:
+                y = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)  # (out,)
         elif weight.numel() < _MIN_STREAMED[x.dtype]:
             return super().forward(x)
         elif x.dtype == torch.bfloat16:
@@ -115,6 +134,40 @@ def few_row_kernels(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for parent, child, module in reversed(swapped):
             setattr(parent, child, module)
+
+
+def bf16_addmv_op() -> Callable[..., torch.Tensor] | None:
+    """``gpt2lab::bf16_addmv(bias | None, weight (out, in), vec (in,)) -> (out,)``, bf16 on a CPU
+    (``csrc/bf16_gemv.cpp``), built by ``torch.utils.cpp_extension`` at first use (~10 s, then
+    cached on disk).
+
+    None where it cannot run here, and callers use ``torch.addmv``: the CPU lacks AVX512-BF16, or
+    no C++ compiler or ninja is found, or the build fails (logged once).
+    """
+    with _BF16_GEMV_LOCK:  # one build, whichever thread decodes first
+        return _load_bf16_addmv()
+
+
+@functools.cache
+def _load_bf16_addmv() -> Callable[..., torch.Tensor] | None:
+    if not torch.cpu._is_avx512_bf16_supported():
+        return None
+    from torch.utils import cpp_extension
+
+    try:
+        check_compiler()
+        cpp_extension.verify_ninja_availability()
+        log.info("loading gpt2lab's bf16 matrix-vector kernel (built once, ~10 s, and cached under %s)",
+                 cpp_extension.get_default_build_root())  # fmt: skip
+        # -fopenmp compiles at::parallel_for's OpenMP loop; not linked: the symbols resolve to the
+        # OpenMP runtime torch already loaded, so the kernel shares torch's threads (torch.set_num_threads).
+        cpp_extension.load("gpt2lab_bf16_gemv", [str(_BF16_GEMV_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                           is_python_module=False)  # fmt: skip
+    except (CompileUnavailable, RuntimeError, OSError, subprocess.CalledProcessError) as err:
+        log.warning("bf16 decoding runs torch.addmv: gpt2lab's bf16 kernel is unavailable (%s)",
+                    str(err).splitlines()[0] if str(err) else type(err).__name__)  # fmt: skip
+        return None
+    return torch.ops.gpt2lab.bf16_addmv.default
 
 
 class CompileUnavailable(Gpt2labError, RuntimeError):
@@ -171,6 +224,7 @@ def _compiled() -> Callable[..., torch.Tensor]:
     keep = (aten.addmv.default, aten.mv.default)
     table: dict[Any, Callable] = {op: fn for op, fn in decomposition.select_decomp_table().items() if op not in keep}
     table[aten.mv.default] = _mv_as_addmv  # addmv has a C++ entry point in Inductor's wrapper, mv does not
+    table[aten.addmv.default] = _bf16_addmv  # bf16: gpt2lab's kernel (other dtypes: ATen's addmv, as above)
     # Attention of one query as plain matmuls and a softmax that Inductor fuses, not ATen's CPU flash
     # kernel (which Inductor's default keeps): with it the whole step was 6-7% slower here.
     flash = aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -180,4 +234,16 @@ def _compiled() -> Callable[..., torch.Tensor]:
 
 
 def _mv_as_addmv(mat: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    if (bf16_addmv := _bf16_kernel_for(mat)) is not None:
+        return bf16_addmv(None, mat, vec)
     return torch.ops.aten.addmv.default(mat.new_zeros(mat.shape[0]), mat, vec, beta=0)
+
+
+def _bf16_addmv(bias: torch.Tensor, mat: torch.Tensor, vec: torch.Tensor, *, beta: Any = 1, alpha: Any = 1) -> Any:
+    if beta == 1 and alpha == 1 and (bf16_addmv := _bf16_kernel_for(mat)) is not None:
+        return bf16_addmv(bias, mat, vec)
+    return NotImplemented  # no decomposition: the op stays ATen's addmv
+
+
+def _bf16_kernel_for(mat: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    return bf16_addmv_op() if mat.dtype == torch.bfloat16 and mat.device.type == "cpu" else None

@@ -98,6 +98,13 @@ def test_code_deps_are_exactly_the_modules_that_can_change_the_outputs(name: str
     assert _code_deps(name) == expected | {f"stages/{name}.py"}
 
 
+def test_decoding_stages_depend_on_the_kernel_source_they_build() -> None:
+    """gpt2lab.kernels builds bf16 decoding's C++ kernel from a source file: a stage that decodes lists it."""
+    for name in STAGES:
+        decodes = "src/gpt2lab/generate.py" in _code_deps(name)
+        assert decodes == ("src/gpt2lab/csrc/bf16_gemv.cpp" in DVC_YAML["stages"][name]["deps"]), name
+
+
 def _result_shaping() -> set[str]:
     """Every key of params.yaml that can change a result: all but the neutral ones and ``tracking``."""
     keys = {"seed"} | {f"{sec}.{k}" for sec, cls in SECTIONS.items() for k in cls.__dataclass_fields__}

@@ -4,6 +4,7 @@ library imports (a package that is only installed as someone else's dependency m
 from __future__ import annotations
 
 import ast
+import fnmatch
 import re
 import sys
 import warnings
@@ -51,3 +52,14 @@ def test_every_imported_package_is_declared():
     assert "filelock" in third_party and "torch" in third_party  # the scan sees the imports
     undeclared = [m for m in third_party if not {_name(d) for d in distributions.get(m, [m])} & declared]
     assert undeclared == [], f"imported by src/gpt2lab but not in pyproject.toml's dependencies: {undeclared}"
+
+
+def test_the_files_the_library_reads_ship_with_it():
+    """Every non-Python file under src/gpt2lab that the library reads (its C++ kernel source; not the
+    developer notes) is package data, so a wheel holds it too, not only an editable install."""
+    package = ROOT / "src" / "gpt2lab"
+    globs = PYPROJECT["tool"]["setuptools"]["package-data"]["gpt2lab"]
+    files = [p.relative_to(package).as_posix() for p in package.rglob("*")
+             if p.is_file() and p.suffix not in (".py", ".pyc", ".md")]  # fmt: skip
+    assert "csrc/bf16_gemv.cpp" in files
+    assert [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)] == []
