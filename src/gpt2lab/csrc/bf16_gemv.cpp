@@ -21,7 +21,7 @@ namespace {
 
 constexpr int64_t ROWS = 8;   // weight rows per pass: they share each load of the vector
 constexpr int64_t LANES = 32; // bf16 values per 512-bit register
-constexpr int64_t PREFETCH = 1024;  // values ahead in each row that are requested early
+constexpr int64_t PREFETCH = 1024;  // values ahead that are requested early (a hint: past the end it is a no-op)
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t u = static_cast<uint32_t>(v) << 16;
