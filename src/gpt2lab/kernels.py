@@ -35,7 +35,7 @@ a C++ wrapper (no Python between ops) and fused kernels for the ops between the 
 the matrix-vector products stay MKL's ``addmv`` in fp32 and gpt2lab's kernel in bf16 (Inductor
 would generate its own, ~40% slower here) and attention is decomposed into matmuls and a
 softmax that Inductor fuses (ATen's CPU flash-attention kernel, Inductor's default, made the
-step 6-7% slower): per step, fp32 ~78-81% -> 88-96% of the floor, bf16 ~72% -> 87-90% (same
+step 6-7% slower): per step, fp32 ~75-81% -> 84-96% of the floor, bf16 ~72-74% -> 83-90% (same
 machine; bf16's floor is the read by gpt2lab's kernel). The first step of each cache length
 compiles for ~25 s (Inductor's disk cache makes later processes take seconds), so it is a
 choice (``generate(..., compile=True)``), not the default.
