@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from gpt2lab.kernels import CompileUnavailable, bf16_addmv_op, check_compiler
+from gpt2lab.kernels import CompileUnavailable, bf16_kernel_for, check_compiler
 from gpt2lab.model import GPT2, PRESETS
 
 READS = 5  # memory idle for a while takes 2-3 passes to read at full speed again: keep the fastest
@@ -35,11 +35,11 @@ def matrices(model: GPT2) -> list[torch.Tensor]:
     return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
 
-def readers(dtype: torch.dtype) -> list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """The matrix-vector kernels that read a ``dtype`` matrix: ``torch.mv``, and in bf16 gpt2lab's
+def readers(matrix: torch.Tensor) -> list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The matrix-vector kernels that read matrices like ``matrix``: ``torch.mv``, and in bf16 gpt2lab's
     own kernel where it runs (it reads bf16 faster than ``torch.mv`` does)."""
     fns: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = [torch.mv]
-    if dtype == torch.bfloat16 and (op := bf16_addmv_op()) is not None:
+    if (op := bf16_kernel_for(matrix)) is not None:
         fns.append(lambda w, x: op(None, w, x))
     return fns
 
@@ -58,7 +58,7 @@ def weight_read_seconds(model: GPT2, xs: list[torch.Tensor], mv: Callable = torc
 def fastest_read_seconds(model: GPT2, xs: list[torch.Tensor], reads: int = READS) -> float:
     """The fastest of ``reads`` :func:`weight_read_seconds` with each of :func:`readers`: what memory
     gives once it is read at full speed, by the fastest kernel there is for the dtype."""
-    return min(weight_read_seconds(model, xs, mv) for mv in readers(xs[0].dtype) for _ in range(reads))
+    return min(weight_read_seconds(model, xs, mv) for mv in readers(xs[0]) for _ in range(reads))
 
 
 class Yardstick:

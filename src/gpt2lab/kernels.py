@@ -96,7 +96,7 @@ class FewRowLinear(nn.Linear):
         if rows == 1:
             row = x.reshape(-1)  # (in,)
             # (Compiled, addmv is traced and the compiled graph's decompositions pick the kernel.)
-            if x.dtype == torch.bfloat16 and not torch.compiler.is_compiling() and (op := bf16_addmv_op()):
+            if not torch.compiler.is_compiling() and (op := bf16_kernel_for(weight)):
                 y = op(bias, weight, row)  # (out,)
             else:
                 y = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)  # (out,)
@@ -146,6 +146,11 @@ def bf16_addmv_op() -> Callable[..., torch.Tensor] | None:
     """
     with _BF16_GEMV_LOCK:  # one build, whichever thread decodes first
         return _load_bf16_addmv()
+
+
+def bf16_kernel_for(mat: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """:func:`bf16_addmv_op` for a bf16 matrix on a CPU, else None (``torch.addmv`` it is)."""
+    return bf16_addmv_op() if mat.dtype == torch.bfloat16 and mat.device.type == "cpu" else None
 
 
 @functools.cache
@@ -234,16 +239,12 @@ def _compiled() -> Callable[..., torch.Tensor]:
 
 
 def _mv_as_addmv(mat: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-    if (bf16_addmv := _bf16_kernel_for(mat)) is not None:
+    if (bf16_addmv := bf16_kernel_for(mat)) is not None:
         return bf16_addmv(None, mat, vec)
     return torch.ops.aten.addmv.default(mat.new_zeros(mat.shape[0]), mat, vec, beta=0)
 
 
 def _bf16_addmv(bias: torch.Tensor, mat: torch.Tensor, vec: torch.Tensor, *, beta: Any = 1, alpha: Any = 1) -> Any:
-    if beta == 1 and alpha == 1 and (bf16_addmv := _bf16_kernel_for(mat)) is not None:
+    if beta == 1 and alpha == 1 and (bf16_addmv := bf16_kernel_for(mat)) is not None:
         return bf16_addmv(bias, mat, vec)
     return NotImplemented  # no decomposition: the op stays ATen's addmv
-
-
-def _bf16_kernel_for(mat: torch.Tensor) -> Callable[..., torch.Tensor] | None:
-    return bf16_addmv_op() if mat.dtype == torch.bfloat16 and mat.device.type == "cpu" else None
