@@ -134,6 +134,18 @@ def bf16_kernel() -> Callable[..., torch.Tensor]:
     return op
 
 
+@pytest.fixture(scope="session")
+def attention_kernel() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """gpt2lab's one-query attention kernel (built here if needed). Without a compiler or ninja,
+    skipped except in CI."""
+    from gpt2lab.kernels import decode_attention_op
+
+    op = decode_attention_op()
+    if op is None:
+        _skip_or_fail_in_ci("gpt2lab's attention kernel could not be built (a C++ compiler and ninja are needed)")
+    return op
+
+
 def _skip_or_fail_in_ci(why: str) -> None:
     """Skip the test for ``why`` (a missing system tool); in CI (``CI=true``) nothing may be skipped: fail it."""
     if os.environ.get("CI", "").lower() in ("true", "1"):

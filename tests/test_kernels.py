@@ -199,7 +199,7 @@ def test_without_the_bf16_kernel_one_row_runs_addmv(monkeypatch, caplog):
             layer(x)
         assert "aten::addmv" in ops and "gpt2lab::bf16_addmv" not in ops
         warnings = [r.getMessage() for r in caplog.records]
-        assert warnings == ["bf16 decoding runs torch.addmv: gpt2lab's bf16 kernel is unavailable "
+        assert warnings == ["bf16 decoding runs torch.addmv: gpt2lab's kernel bf16_addmv is unavailable "
                             "(torch.compile needs a C++ compiler (g++ or clang++ on PATH, or set CXX))"]  # fmt: skip
     finally:
         kernels._load_bf16_addmv.cache_clear()  # the next caller loads the real one again
@@ -229,3 +229,122 @@ def test_compiled_bf16_decoding_runs_the_bf16_kernel(bf16_kernel, cpp_compiler):
     torch.testing.assert_close(steps(compiled), eager, **MODEL_TOLERANCE[torch.bfloat16])
     ops = _aten_ops(lambda: steps(compiled))
     assert "gpt2lab::bf16_addmv" in ops and "aten::addmv" not in ops
+
+
+# --- gpt2lab's one-query attention kernel --------------------------------------------------------
+def _cache_and_query(dtype: torch.dtype, B: int, H: int, L: int, D: int, seed: int):
+    """A query (B, H, 1, D) and keys, values (B, H, L, D) sliced from a cache of B + 1 rows (strided)."""
+    g = torch.Generator().manual_seed(seed)
+    cache = torch.randn(2, B + 1, H, L, D, generator=g).to(dtype)
+    return torch.randn(B, H, 1, D, generator=g).to(dtype), cache[0, :B], cache[1, :B]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,L,D", [(1, 12, 256, 64), (3, 4, 17, 8), (2, 2, 40, 20)])
+def test_attention_kernel_equals_sdpa(attention_kernel, dtype, B, H, L, D):
+    """Output and logsumexp of one query's attention as fp64 SDPA gives them, for a boolean mask with
+    holes (padding) and unused columns at the end, the same mask as 0/-inf, and no mask; rounded
+    once to the input dtype (bf16: within half a bf16 step of the magnitude, outputs are < ~3)."""
+    q, k, v = _cache_and_query(dtype, B, H, L, D, seed=L)
+    keep = torch.rand(B, L, generator=torch.Generator().manual_seed(D)) < 0.6
+    keep[:, L // 2 :] = False  # columns not in use yet
+    keep[:, 0] = True
+    keep = keep[:, None, None, :]  # (B, 1, 1, L)
+    additive = torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, float("-inf"))
+    atol = 1e-5 if dtype == torch.float32 else 3 * 2**-8  # fp32: sums of ~100 products in another order
+    for mask, reference_mask in ((keep, keep), (additive, keep), (None, None)):
+        out, lse = attention_kernel(q, k, v, mask, None)
+        assert out.dtype == dtype and out.shape == (B, H, 1, D)
+        assert lse.dtype == torch.float32 and lse.shape == (B, H, 1)
+        qd, kd, vd = q.double(), k.double(), v.double()
+        exact = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=reference_mask)
+        scores = (qd @ kd.transpose(-1, -2)) / D**0.5  # (B, H, 1, L)
+        if reference_mask is not None:
+            scores = scores.masked_fill(~reference_mask, float("-inf"))
+        torch.testing.assert_close(out.double(), exact, rtol=0, atol=atol)
+        torch.testing.assert_close(lse.double(), scores.logsumexp(-1), rtol=1e-6, atol=1e-5)
+    out, _ = attention_kernel(q, k, v, keep, 0.5)  # an explicit scale
+    exact = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=keep,
+                                                             scale=0.5)  # fmt: skip
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=atol)
+
+
+def test_attention_kernel_reads_only_the_columns_in_use(attention_kernel):
+    """Keys and values past the last column the mask lets through are never read: NaN there (a
+    column not yet written) does not reach the output, as it would through 0 * NaN in SDPA."""
+    q, k, v = _cache_and_query(torch.float32, 2, 3, 32, 16, seed=1)
+    keep = torch.zeros(2, 1, 1, 32, dtype=torch.bool)
+    keep[0, ..., :5] = True
+    keep[1, ..., [0, 2, 9]] = True  # a padded row: holes, then its last column in use
+    expected, _ = attention_kernel(q, k, v, keep, None)
+    k[0, :, 5:], v[0, :, 5:], k[1, :, 10:], v[1, :, 10:] = (float("nan"),) * 4
+    out, _ = attention_kernel(q, k, v, keep, None)
+    assert torch.equal(out, expected)
+    assert torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep).isnan().any()
+
+
+def test_attention_kernel_names_bad_inputs(attention_kernel):
+    q, k, v = _cache_and_query(torch.float32, 1, 2, 8, 4, seed=2)
+    with pytest.raises(RuntimeError, match=r"q \(B, H, 1, D\) and k, v \(B, H, L, D\) expected, got \[1, 2, 2, 4\]"):
+        attention_kernel(torch.cat([q, q], dim=2), k, v, None, None)
+    with pytest.raises(RuntimeError, match="all fp32 or all bf16 expected, got Float, BFloat16 and Float"):
+        attention_kernel(q, k.bfloat16(), v, None, None)
+    with pytest.raises(RuntimeError, match=r"attn_mask broadcastable to \(B, H, 1, L\) expected, got \[1, 1, 1, 7\]"):
+        attention_kernel(q, k, v, torch.ones(1, 1, 1, 7, dtype=torch.bool), None)
+    out, lse = attention_kernel(q, k, v, torch.zeros(1, 1, 1, 8, dtype=torch.bool), None)  # nothing to attend to
+    assert out.isnan().all() and (lse == float("-inf")).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decoding_attends_with_the_kernel(attention_kernel, cpp_compiler, dtype):
+    """Compiled steps of a padded batch run gpt2lab's attention kernel (not the decomposed matmuls
+    over the whole cache) and give the eager steps' logits up to rounding."""
+    cfg = GPT2Config(vocab_size=96, n_ctx=64, n_embd=64, n_layer=2, n_head=4)
+    torch.manual_seed(6)
+    model = GPT2(cfg).eval().to(dtype)
+    tokens = torch.tensor([[[5], [9]], [[17], [2]], [[3], [40]]])  # (steps, B, 1)
+
+    def steps(step: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """Logits of three cached steps; row 1 has a padding column (1) that it never attends to."""
+        model.setup_cache(batch_size=2, max_len=8)
+        key_mask = torch.zeros(2, 8, dtype=torch.bool)
+        logits = []
+        with torch.inference_mode(), few_row_kernels(model):
+            for t, token in enumerate(tokens):
+                key_mask[0, t] = True
+                key_mask[1, t] = t != 1
+                logits.append(step(token, torch.tensor([[t], [t]]), torch.tensor([t]), key_mask))
+        return torch.cat(logits, dim=1)
+
+    compiled = compiled_decode_step(model)
+    eager = steps(model.decode_step)
+    torch.testing.assert_close(steps(compiled), eager, **MODEL_TOLERANCE[dtype])
+    ops = _aten_ops(lambda: steps(compiled))
+    assert "gpt2lab::decode_attention" in ops
+
+
+def test_without_the_attention_kernel_compiled_attention_is_decomposed(monkeypatch, caplog):
+    """Where the kernel cannot be built, one warning, and the compiled step's attention is the plain
+    decomposition (matmuls and a softmax over the whole cache), with the same result."""
+
+    def no_compiler() -> None:
+        raise kernels.CompileUnavailable("torch.compile needs a C++ compiler (g++ or clang++ on PATH, or set CXX)")
+
+    monkeypatch.setattr(kernels, "check_compiler", no_compiler)
+    kernels._load_decode_attention.cache_clear()
+    try:
+        q, k, v = _cache_and_query(torch.float32, 1, 2, 8, 4, seed=3)
+        keep = torch.tensor([True] * 3 + [False] * 5)[None, None, None, :]
+        additive = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))  # what the flash op is given
+        with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="gpt2lab.kernels"):
+            ops = _aten_ops(lambda: kernels._decode_attention(q, k, v, attn_mask=additive))
+            out, _ = kernels._decode_attention(q, k, v, attn_mask=additive)
+        assert "gpt2lab::decode_attention" not in ops and "aten::softmax" in ops
+        torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep))
+        warnings = [r.getMessage() for r in caplog.records]
+        assert warnings == [
+            "compiled decoding attends over the whole KV cache: gpt2lab's kernel decode_attention is unavailable "
+            "(torch.compile needs a C++ compiler (g++ or clang++ on PATH, or set CXX))"
+        ]
+    finally:
+        kernels._load_decode_attention.cache_clear()  # the next caller loads the real one again

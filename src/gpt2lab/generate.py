@@ -30,7 +30,8 @@ float rounding of near-ties). Repetitive or copy-heavy text gains the most.
 Compiled decoding (``compile=True``) runs each one-token step through
 :func:`gpt2lab.kernels.compiled_decode_step` (``torch.compile``; a C++ compiler is needed): the
 same tokens up to float rounding, with less time between the weight reads. Each step then
-attends to the whole KV cache through a mask, so that its shapes never change; the cache length
+attends to the whole KV cache through a mask, so that its shapes never change (gpt2lab's
+attention kernel reads the keys and values only up to the last column in use); the cache length
 is rounded up to a multiple of :data:`COMPILED_CACHE_STEP`, and only each new length (or batch
 size, or dtype) compiles again, ~25 s the first time on a 2-core CPU. The prompt (prefill) and
 prompt-lookup checks run as without it.

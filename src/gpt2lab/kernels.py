@@ -33,10 +33,15 @@ the matmuls, each dispatched from Python with caches the weight stream has flush
 ms in fp32. :func:`compiled_decode_step` compiles :meth:`GPT2.decode_step` with Inductor into
 a C++ wrapper (no Python between ops) and fused kernels for the ops between the matmuls, while
 the matrix-vector products stay MKL's ``addmv`` in fp32 and gpt2lab's kernel in bf16 (Inductor
-would generate its own, ~40% slower here) and attention is decomposed into matmuls and a
-softmax that Inductor fuses (ATen's CPU flash-attention kernel, Inductor's default, made the
-step 6-7% slower): per step, fp32 ~75-81% -> 84-96% of the floor, bf16 ~72-74% -> 83-90% (same
-machine; bf16's floor is the read by gpt2lab's kernel). The first step of each cache length
+would generate its own, ~40% slower here). A compiled step has the same shapes at every step, so
+it attends over the whole preallocated cache and masks the columns not written yet; its attention
+runs gpt2lab's kernel (:func:`decode_attention_op`, ``csrc/decode_attention.cpp``), which reads the
+keys and values only up to the last column in use: a bf16 step of 124M with a 256-column cache
+took ~13.1 ms at any position with attention decomposed into matmuls and a softmax that Inductor
+fuses (ATen's CPU flash-attention kernel, Inductor's default, was 6-7% slower still), ~12.6 ms
+at column 3 and ~12.9 ms at column 100 with the kernel; 200 tokens alternating 1.3-2% faster.
+Per step, fp32 ~75-81% -> 84-96% of the floor, bf16 ~72-74% -> 83-91% (same machine; bf16's
+floor is the read by gpt2lab's kernel). The first step of each cache length
 compiles for ~25 s (Inductor's disk cache makes later processes take seconds), so it is a
 choice (``generate(..., compile=True)``), not the default.
 """
@@ -61,8 +66,8 @@ from gpt2lab.model import GPT2
 log = logging.getLogger(__name__)
 
 FEW_ROWS = 16
-_BF16_GEMV_SOURCE = Path(__file__).with_name("csrc") / "bf16_gemv.cpp"
-_BF16_GEMV_LOCK = threading.Lock()
+_CSRC = Path(__file__).with_name("csrc")
+_BUILD_LOCK = threading.Lock()
 _MIN_STREAMED = {torch.float32: 1 << 20, torch.bfloat16: 1 << 19}  # weight elements
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -144,7 +149,7 @@ def bf16_addmv_op() -> Callable[..., torch.Tensor] | None:
     None where it cannot run here, and callers use ``torch.addmv``: the CPU lacks AVX512-BF16, or
     no C++ compiler or ninja is found, or the build fails (logged once).
     """
-    with _BF16_GEMV_LOCK:  # one build, whichever thread decodes first
+    with _BUILD_LOCK:  # one build, whichever thread decodes first
         return _load_bf16_addmv()
 
 
@@ -153,26 +158,47 @@ def bf16_kernel_for(mat: torch.Tensor) -> Callable[..., torch.Tensor] | None:
     return bf16_addmv_op() if mat.dtype == torch.bfloat16 and mat.device.type == "cpu" else None
 
 
+def decode_attention_op() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """``gpt2lab::decode_attention(q (B, H, 1, D), k, v (B, H, L, D), attn_mask | None, scale | None)
+    -> (out (B, H, 1, D), logsumexp (B, H, 1))``, fp32 or bf16 on a CPU (``csrc/decode_attention.cpp``):
+    one query's attention that reads the keys and values only up to the last column ``attn_mask``
+    lets through. Built like :func:`bf16_addmv_op`; None where it cannot be (logged once).
+    """
+    with _BUILD_LOCK:
+        return _load_decode_attention()
+
+
 @functools.cache
 def _load_bf16_addmv() -> Callable[..., torch.Tensor] | None:
     if not torch.cpu._is_avx512_bf16_supported():
         return None
+    return _build("bf16_gemv", "bf16_addmv", "bf16 decoding runs torch.addmv")
+
+
+@functools.cache
+def _load_decode_attention() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    return _build("decode_attention", "decode_attention", "compiled decoding attends over the whole KV cache")
+
+
+def _build(source: str, op: str, otherwise: str) -> Callable[..., Any] | None:
+    """Build and load ``csrc/{source}.cpp`` (once per source version: torch caches the build on disk)
+    and return its op ``gpt2lab::{op}``, or log why not (``otherwise``: what runs instead) and return None."""
     from torch.utils import cpp_extension
 
     try:
         check_compiler()
         cpp_extension.verify_ninja_availability()
-        log.info("loading gpt2lab's bf16 matrix-vector kernel (built once, ~10 s, and cached under %s)",
-                 cpp_extension.get_default_build_root())  # fmt: skip
+        log.info("loading gpt2lab's kernel %s (built once, ~10 s, and cached under %s)",
+                 op, cpp_extension.get_default_build_root())  # fmt: skip
         # -fopenmp compiles at::parallel_for's OpenMP loop; not linked: the symbols resolve to the
         # OpenMP runtime torch already loaded, so the kernel shares torch's threads (torch.set_num_threads).
-        cpp_extension.load("gpt2lab_bf16_gemv", [str(_BF16_GEMV_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+        cpp_extension.load(f"gpt2lab_{source}", [str(_CSRC / f"{source}.cpp")], extra_cflags=["-O3", "-fopenmp"],
                            is_python_module=False)  # fmt: skip
     except (CompileUnavailable, RuntimeError, OSError, subprocess.CalledProcessError) as err:
-        log.warning("bf16 decoding runs torch.addmv: gpt2lab's bf16 kernel is unavailable (%s)",
+        log.warning("%s: gpt2lab's kernel %s is unavailable (%s)", otherwise, op,
                     str(err).splitlines()[0] if str(err) else type(err).__name__)  # fmt: skip
         return None
-    return torch.ops.gpt2lab.bf16_addmv.default
+    return getattr(torch.ops.gpt2lab, op).default
 
 
 class CompileUnavailable(Gpt2labError, RuntimeError):
@@ -216,7 +242,6 @@ def check_compiler() -> None:
 
 @functools.cache
 def _compiled() -> Callable[..., torch.Tensor]:
-    from torch import _decomp as decomp
     from torch._inductor import decomposition, lowering
     from torch._inductor.compile_fx import compile_fx
 
@@ -230,12 +255,32 @@ def _compiled() -> Callable[..., torch.Tensor]:
     table: dict[Any, Callable] = {op: fn for op, fn in decomposition.select_decomp_table().items() if op not in keep}
     table[aten.mv.default] = _mv_as_addmv  # addmv has a C++ entry point in Inductor's wrapper, mv does not
     table[aten.addmv.default] = _bf16_addmv  # bf16: gpt2lab's kernel (other dtypes: ATen's addmv, as above)
-    # Attention of one query as plain matmuls and a softmax that Inductor fuses, not ATen's CPU flash
-    # kernel (which Inductor's default keeps): with it the whole step was 6-7% slower here.
-    flash = aten._scaled_dot_product_flash_attention_for_cpu.default
-    table[flash] = decomp.decomposition_table[flash]
+    # Attention of one query: gpt2lab's kernel, which reads the cache only up to its last column in use;
+    # otherwise plain matmuls and a softmax that Inductor fuses, not ATen's CPU flash kernel (which
+    # Inductor's default keeps): with that the whole step was 6-7% slower here.
+    table[_FLASH] = _decode_attention
     backend = functools.partial(compile_fx, decompositions=table, config_patches={"cpp_wrapper": True})
     return torch.compile(GPT2.decode_step, backend=backend, fullgraph=True, dynamic=False)
+
+
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
+
+def _decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, is_causal: bool = False, **kw: Any
+) -> Any:
+    if (
+        q.shape[2] == 1
+        and not dropout_p
+        and not is_causal
+        and q.dtype in (torch.float32, torch.bfloat16)
+        and q.device.type == "cpu"
+        and (op := decode_attention_op()) is not None
+    ):
+        return op(q, k, v, kw.get("attn_mask"), kw.get("scale"))
+    from torch._decomp import decomposition_table
+
+    return decomposition_table[_FLASH](q, k, v, dropout_p, is_causal, **kw)
 
 
 def _mv_as_addmv(mat: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:

@@ -99,10 +99,13 @@ def test_code_deps_are_exactly_the_modules_that_can_change_the_outputs(name: str
 
 
 def test_decoding_stages_depend_on_the_kernel_source_they_build() -> None:
-    """gpt2lab.kernels builds bf16 decoding's C++ kernel from a source file: a stage that decodes lists it."""
+    """gpt2lab.kernels builds decoding's C++ kernels from source files: a stage that decodes lists them all."""
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "src/gpt2lab/csrc").glob("*.cpp")}
+    assert len(sources) == 2
     for name in STAGES:
         decodes = "src/gpt2lab/generate.py" in _code_deps(name)
-        assert decodes == ("src/gpt2lab/csrc/bf16_gemv.cpp" in DVC_YAML["stages"][name]["deps"]), name
+        listed = sources & set(DVC_YAML["stages"][name]["deps"])
+        assert listed == (sources if decodes else set()), name
 
 
 def _result_shaping() -> set[str]:

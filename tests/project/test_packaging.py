@@ -55,11 +55,11 @@ def test_every_imported_package_is_declared():
 
 
 def test_the_files_the_library_reads_ship_with_it():
-    """Every non-Python file under src/gpt2lab that the library reads (its C++ kernel source; not the
+    """Every non-Python file under src/gpt2lab that the library reads (its C++ kernel sources; not the
     developer notes) is package data, so a wheel holds it too, not only an editable install."""
     package = ROOT / "src" / "gpt2lab"
     globs = PYPROJECT["tool"]["setuptools"]["package-data"]["gpt2lab"]
     files = [p.relative_to(package).as_posix() for p in package.rglob("*")
              if p.is_file() and p.suffix not in (".py", ".pyc", ".md")]  # fmt: skip
-    assert "csrc/bf16_gemv.cpp" in files
+    assert {"csrc/bf16_gemv.cpp", "csrc/decode_attention.cpp"} <= set(files)
     assert [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)] == []

@@ -104,6 +104,6 @@ at::Tensor bf16_addmv_meta(const std::optional<at::Tensor>& bias, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY(gpt2lab, m) { m.def("bf16_addmv(Tensor? bias, Tensor weight, Tensor vec) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(gpt2lab, m) { m.def("bf16_addmv(Tensor? bias, Tensor weight, Tensor vec) -> Tensor"); }
 TORCH_LIBRARY_IMPL(gpt2lab, CPU, m) { m.impl("bf16_addmv", bf16_addmv); }
 TORCH_LIBRARY_IMPL(gpt2lab, Meta, m) { m.impl("bf16_addmv", bf16_addmv_meta); }
