@@ -85,6 +85,17 @@ def test_temperature_zero_is_argmax_and_lowest_id_wins_a_tie():
     assert sample(logits, temperature=0).tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_picks_the_lowest_of_tied_ids_in_a_full_vocabulary(dtype):
+    """GPT-2's 50257 logits, with the maximum at ids far apart (bf16 ties often): the first one, as argmax."""
+    logits = torch.randn(4, 50257, generator=torch.Generator().manual_seed(1)).to(dtype)
+    for row, ids in enumerate(([7, 40000], [50256, 50255], [16, 17, 31, 32, 33], [0, 50256])):
+        logits[row, ids] = 10.0
+    assert sample(logits, temperature=0).tolist() == [7, 50255, 16, 0]
+    coarse = torch.randint(0, 3, (8, 50257), generator=torch.Generator().manual_seed(2)).to(dtype)  # ties everywhere
+    assert torch.equal(sample(coarse, temperature=0), coarse.float().argmax(-1))
+
+
 def test_top_k_1_equals_greedy_for_any_temperature():
     logits = torch.randn(8, 100, generator=torch.Generator().manual_seed(0))
     for temperature in (0.5, 1.0, 5.0):

@@ -128,7 +128,9 @@ def sample(
     """
     check_sampling(temperature, top_k, top_p)
     if temperature == 0 or top_k == 1:
-        return logits.float().argmax(dim=-1)  # fp32 argmax is ~2.5x faster than bf16's on CPU; same ids
+        # max's indices: the same ids as argmax (the first of equal maxima), 2.6x faster on a CPU (50257
+        # logits: fp32 25 vs 66 us, bf16 37 us vs 97 for argmax of the fp32 copy, 163 for bf16's argmax).
+        return logits.max(dim=-1).indices
     probs = sampling_probs(logits, temperature, top_k, top_p)
     if generator is not None and generator.device != probs.device:
         return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(logits.device)
