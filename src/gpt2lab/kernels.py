@@ -70,6 +70,7 @@ _CSRC = Path(__file__).with_name("csrc")
 _BUILD_LOCK = threading.Lock()
 _MIN_STREAMED = {torch.float32: 1 << 20, torch.bfloat16: 1 << 19}  # weight elements
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default  # what SDPA runs on a CPU
 
 
 class FewRowLinear(nn.Linear):
@@ -263,12 +264,10 @@ def _compiled() -> Callable[..., torch.Tensor]:
     return torch.compile(GPT2.decode_step, backend=backend, fullgraph=True, dynamic=False)
 
 
-_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-
-
 def _decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, is_causal: bool = False, **kw: Any
 ) -> Any:
+    """ATen's CPU flash attention (same arguments and outputs) as gpt2lab's kernel for one query, else decomposed."""
     if (
         q.shape[2] == 1
         and not dropout_p
