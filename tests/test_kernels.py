@@ -205,23 +205,35 @@ def test_without_the_bf16_kernel_one_row_runs_addmv(monkeypatch, caplog):
         kernels._load_bf16_addmv.cache_clear()  # the next caller loads the real one again
 
 
+def _cached_steps(
+    model: GPT2,
+    step: Callable[..., torch.Tensor],
+    tokens: torch.Tensor,
+    padding: frozenset[tuple[int, int]] = frozenset(),
+) -> torch.Tensor:
+    """Logits (B, steps, vocab) of cached decoding steps through ``step`` (``model.decode_step`` or its
+    compiled form), one token (B, 1) of ``tokens`` (steps, B, 1) each, in an 8-column cache; the
+    (row, column) pairs in ``padding`` are masked as padding."""
+    batch = tokens.shape[1]
+    model.setup_cache(batch_size=batch, max_len=8)
+    key_mask = torch.zeros(batch, 8, dtype=torch.bool)
+    logits = []
+    with torch.inference_mode(), few_row_kernels(model):
+        for t, token in enumerate(tokens):
+            key_mask[:, t] = torch.tensor([(row, t) not in padding for row in range(batch)])
+            logits.append(step(token, torch.full((batch, 1), t), torch.tensor([t]), key_mask))
+    return torch.cat(logits, dim=1)
+
+
 def test_compiled_bf16_decoding_runs_the_bf16_kernel(bf16_kernel, cpp_compiler):
     """Compiled bf16 steps call the kernel (not ATen's addmv) and give eager bf16's logits up to rounding."""
     cfg = GPT2Config(vocab_size=96, n_ctx=64, n_embd=64, n_layer=2, n_head=4)
     torch.manual_seed(4)
     model = GPT2(cfg).eval().to(torch.bfloat16)
-    tokens = torch.tensor([[5], [17], [3]])
+    tokens = torch.tensor([[[5]], [[17]], [[3]]])  # (steps, B, 1)
 
     def steps(step: Callable[..., torch.Tensor]) -> torch.Tensor:
-        """Logits of three cached decoding steps, one token each."""
-        model.setup_cache(batch_size=1, max_len=8)
-        key_mask = torch.zeros(1, 8, dtype=torch.bool)
-        logits = []
-        with torch.inference_mode(), few_row_kernels(model):
-            for t, token in enumerate(tokens):
-                key_mask[0, t] = True
-                logits.append(step(token[None], torch.tensor([[t]]), torch.tensor([t]), key_mask))
-        return torch.cat(logits, dim=1)
+        return _cached_steps(model, step, tokens)
 
     compiled = compiled_decode_step(model)
     eager = steps(model.decode_step)
@@ -305,16 +317,7 @@ def test_compiled_decoding_attends_with_the_kernel(attention_kernel, cpp_compile
     tokens = torch.tensor([[[5], [9]], [[17], [2]], [[3], [40]]])  # (steps, B, 1)
 
     def steps(step: Callable[..., torch.Tensor]) -> torch.Tensor:
-        """Logits of three cached steps; row 1 has a padding column (1) that it never attends to."""
-        model.setup_cache(batch_size=2, max_len=8)
-        key_mask = torch.zeros(2, 8, dtype=torch.bool)
-        logits = []
-        with torch.inference_mode(), few_row_kernels(model):
-            for t, token in enumerate(tokens):
-                key_mask[0, t] = True
-                key_mask[1, t] = t != 1
-                logits.append(step(token, torch.tensor([[t], [t]]), torch.tensor([t]), key_mask))
-        return torch.cat(logits, dim=1)
+        return _cached_steps(model, step, tokens, padding=frozenset({(1, 1)}))  # row 1 never attends to column 1
 
     compiled = compiled_decode_step(model)
     eager = steps(model.decode_step)
