@@ -216,10 +216,11 @@ def _cached_steps(
     (row, column) pairs in ``padding`` are masked as padding."""
     batch = tokens.shape[1]
     model.setup_cache(batch_size=batch, max_len=8)
-    key_mask = torch.zeros(batch, 8, dtype=torch.bool)
     logits = []
+    # Every input made in inference mode, as a decoder's (Dynamo compiles inference and other tensors apart).
     with torch.inference_mode(), few_row_kernels(model):
-        for t, token in enumerate(tokens):
+        key_mask = torch.zeros(batch, 8, dtype=torch.bool)
+        for t, token in enumerate(tokens.clone()):
             key_mask[:, t] = torch.tensor([(row, t) not in padding for row in range(batch)])
             logits.append(step(token, torch.full((batch, 1), t), torch.tensor([t]), key_mask))
     return torch.cat(logits, dim=1)
@@ -241,6 +242,34 @@ def test_compiled_bf16_decoding_runs_the_bf16_kernel(bf16_kernel, cpp_compiler):
     torch.testing.assert_close(steps(compiled), eager, **MODEL_TOLERANCE[torch.bfloat16])
     ops = _aten_ops(lambda: steps(compiled))
     assert "gpt2lab::bf16_addmv" in ops and "aten::addmv" not in ops
+
+
+def test_a_compiled_step_calls_its_graph_directly_on_the_same_input_tensors(cpp_compiler):
+    """Steps on the same input tensors, updated in place, go through Dynamo's checks once and then call
+    the graph it picked directly, with eager's logits; other input tensors go through Dynamo again."""
+    cfg = GPT2Config(vocab_size=96, n_ctx=64, n_embd=64, n_layer=2, n_head=4)
+    torch.manual_seed(5)
+    model = GPT2(cfg).eval()
+    tokens = torch.tensor([[[5], [9]], [[17], [2]], [[3], [40]], [[8], [1]]])  # (steps, B, 1)
+    eager = _cached_steps(model, model.decode_step, tokens)
+    step = compiled_decode_step(model)
+    model.setup_cache(batch_size=2, max_len=8)
+    logits = []
+    with torch.inference_mode(), few_row_kernels(model), profile() as prof:
+        # Made in inference mode, as _cached_steps' (and a decoder's): the graph compiled for those serves.
+        idx, pos, column = (torch.zeros(shape, dtype=torch.long) for shape in ((2, 1), (2, 1), (1,)))
+        key_mask = torch.zeros(2, 8, dtype=torch.bool)
+        for t, token in enumerate(tokens):
+            idx.copy_(token)
+            pos.fill_(t)
+            column.fill_(t)
+            key_mask[:, t] = True
+            logits.append(step(idx, pos, column, key_mask))
+        logits.append(step(tokens[0], pos.clone(), column.clone(), key_mask.clone()))  # other tensors: checked
+    counts = {event.key: event.count for event in prof.key_averages()}
+    assert sum(n for key, n in counts.items() if key.startswith("## Call CompiledFxGraph")) == len(tokens) + 1
+    assert sum(n for key, n in counts.items() if key.startswith("Torch-Compiled Region")) == 2
+    torch.testing.assert_close(torch.cat(logits[:-1], dim=1), eager, **MODEL_TOLERANCE[torch.float32])
 
 
 # --- gpt2lab's one-query attention kernel --------------------------------------------------------

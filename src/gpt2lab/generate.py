@@ -33,8 +33,10 @@ same tokens up to float rounding, with less time between the weight reads. Each 
 attends to the whole KV cache through a mask, so that its shapes never change (gpt2lab's
 attention kernel reads the keys and values only up to the last column in use); the cache length
 is rounded up to a multiple of :data:`COMPILED_CACHE_STEP`, and only each new length (or batch
-size, or dtype) compiles again, ~25 s the first time on a 2-core CPU. The prompt (prefill) and
-prompt-lookup checks run as without it.
+size, or dtype) compiles again, ~25 s the first time on a 2-core CPU. Dynamo checks the compiled
+graph's guards at a run's first step, and the later steps call the graph directly, on the same
+input tensors updated in place (so a model changed while a :func:`stream` runs is not seen). The
+prompt (prefill) and prompt-lookup checks run as without it.
 """
 
 from __future__ import annotations
@@ -217,6 +219,10 @@ class _Decoder:
         if compiled is not None:
             cache_len = -(-cache_len // COMPILED_CACHE_STEP) * COMPILED_CACHE_STEP
         model.setup_cache(B, min(cfg.n_ctx, cache_len))
+        # A compiled step's inputs: the same tensors at every step, updated in place (see CompiledDecodeStep).
+        self.step_ids = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.column = torch.zeros(1, dtype=torch.long, device=device)
+        self.cache_mask = self.valid[:, : model.cache_len]  # (B, cache_len), a view
 
     @property
     def room(self) -> int:
@@ -250,8 +256,9 @@ class _Decoder:
         key_mask = self.valid[:, : col + T] if self.padded else None  # no mask at all for an unpadded batch
         pos = self.next_pos if T == 1 else self.next_pos + torch.arange(T, device=tok.device)  # (B, T)
         if T == 1 and self.compiled is not None:
-            column = torch.tensor([col], device=tok.device)
-            logits = self.compiled(fed, pos, column, self.valid[:, : self.model.cache_len])
+            self.step_ids.copy_(fed)
+            self.column.fill_(col)
+            logits = self.compiled(self.step_ids, pos, self.column, self.cache_mask)
         else:
             logits = self.model(fed, pos=pos, start=col, key_mask=key_mask, last_only=T == 1)
         self.length = col + T
