@@ -272,6 +272,24 @@ def test_a_compiled_step_calls_its_graph_directly_on_the_same_input_tensors(cpp_
     torch.testing.assert_close(torch.cat(logits[:-1], dim=1), eager, **MODEL_TOLERANCE[torch.float32])
 
 
+def test_past_its_graphs_compiled_decoding_runs_uncompiled_with_a_warning(monkeypatch, caplog, cpp_compiler):
+    """A run that would need one more graph than the process may keep decodes uncompiled (one
+    warning, eager's logits) instead of failing (Dynamo's hard failure with fullgraph=True)."""
+    torch.manual_seed(7)
+    small = GPT2(GPT2Config(vocab_size=96, n_ctx=64, n_embd=64, n_layer=2, n_head=4)).eval()
+    tokens = torch.tensor([[[5], [9]], [[17], [2]]])  # (steps, B, 1)
+    _cached_steps(small, compiled_decode_step(small), tokens)  # at least one graph in the process
+    odd = GPT2(GPT2Config(vocab_size=80, n_ctx=32, n_embd=40, n_layer=1, n_head=2)).eval()  # no graph of its own
+    eager = _cached_steps(odd, odd.decode_step, tokens)
+    monkeypatch.setattr(kernels, "MAX_GRAPHS", 0)
+    with caplog.at_level(logging.WARNING, logger="gpt2lab.kernels"):
+        logits = _cached_steps(odd, compiled_decode_step(odd), tokens)
+    assert torch.equal(logits, eager)
+    assert [r.getMessage() for r in caplog.records if r.name == "gpt2lab.kernels"] == [
+        "compiled decoding holds 0 graphs in this process already: this run decodes uncompiled"
+    ]
+
+
 # --- gpt2lab's one-query attention kernel --------------------------------------------------------
 def _cache_and_query(dtype: torch.dtype, B: int, H: int, L: int, D: int, seed: int):
     """A query (B, H, 1, D) and keys, values (B, H, L, D) sliced from a cache of B + 1 rows (strided)."""

@@ -68,6 +68,7 @@ from gpt2lab.model import GPT2
 log = logging.getLogger(__name__)
 
 FEW_ROWS = 16
+MAX_GRAPHS = 64  # compiled decoding steps one process keeps (shapes, dtypes, batch sizes, cache lengths)
 _CSRC = Path(__file__).with_name("csrc")
 _BUILD_LOCK = threading.Lock()
 _MIN_STREAMED = {torch.float32: 1 << 20, torch.bfloat16: 1 << 19}  # weight elements
@@ -213,9 +214,10 @@ def compiled_decode_step(model: GPT2) -> CompiledDecodeStep:
     same arguments, same logits up to float rounding.
 
     One graph per model shape, dtype, batch size and cache length (a decoder varies the cache
-    length, so it should round it up to few values); PyTorch keeps at most 8 graphs per function
-    (``torch._dynamo.config.recompile_limit``) and runs uncompiled past that, with a warning.
-    Raises :class:`CompileUnavailable` (see :func:`check_compilable`) before anything is compiled.
+    length, so it should round it up to few values); a process keeps at most :data:`MAX_GRAPHS`
+    (Dynamo's ``recompile_limit`` while the step compiles) and runs steps needing another one
+    uncompiled, with a warning. Raises :class:`CompileUnavailable` (see :func:`check_compilable`)
+    before anything is compiled.
     """
     check_compilable(model)
     return CompiledDecodeStep(model)
@@ -238,6 +240,7 @@ class CompiledDecodeStep:
         self.model = model
         self._inputs: tuple[torch.Tensor, ...] = ()
         self._graph: Callable[[], Any] | None = None
+        self._uncompiled = False  # the process holds MAX_GRAPHS graphs already, none of them for this run
 
     def __call__(
         self, idx: torch.Tensor, pos: torch.Tensor, column: torch.Tensor, key_mask: torch.Tensor
@@ -246,15 +249,21 @@ class CompiledDecodeStep:
         inputs = (idx, pos, column, key_mask)
         if self._graph is not None and all(a is b for a, b in zip(inputs, self._inputs)):
             return self._graph()[0]
+        if self._uncompiled:
+            return self.model.decode_step(*inputs)
         _CAPTURED.graph = None
         _CAPTURED.on = True
         try:
-            logits = _compiled()(self.model, *inputs)
-            captured = _CAPTURED.graph  # None: Dynamo ran the step uncompiled (past its recompile limit)
+            with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
+                logits = _compiled()(self.model, *inputs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            log.warning("compiled decoding holds %d graphs in this process already: this run decodes uncompiled",
+                        MAX_GRAPHS)  # fmt: skip
+            self._uncompiled = True
+            return self.model.decode_step(*inputs)
         finally:
-            _CAPTURED.on, _CAPTURED.graph = False, None
-        self._graph = captured
-        self._inputs = inputs
+            captured, _CAPTURED.on, _CAPTURED.graph = _CAPTURED.graph, False, None
+        self._graph, self._inputs = captured, inputs
         return logits
 
 
