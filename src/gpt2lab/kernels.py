@@ -254,7 +254,7 @@ class CompiledDecodeStep:
         """Logits (B, 1, vocab_size); arguments as :meth:`GPT2.decode_step`'s."""
         inputs = (idx, pos, column, key_mask)
         if self._graph is not None and all(a is b for a, b in zip(inputs, self._inputs)):
-            return self._graph()[0]
+            return self._graph()[0]  # the graph's outputs: (logits,)
         if self._uncompiled:
             return self.model.decode_step(*inputs)
         _CAPTURED.graph = None
