@@ -37,7 +37,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -428,13 +428,9 @@ def run_epoch(run: Run, bar: tqdm | None = None) -> None:
             continue
         t0 = time.perf_counter()
         lr = run.optimizer.param_groups[0]["lr"]
-        try:
+        with step_failures(run, shard, p.step + 1):
             value = train_step(stepper, shard.to(run.device, non_blocking=True), run.optimizer, run.params,
                                precision=run.precision, grad_clip=t.grad_clip, world=run.world, scaler=run.scaler)  # fmt: skip
-        except (RuntimeError, MemoryError) as err:
-            if (error := step_failure(err, run, shard)) is None:
-                raise
-            raise error from err
         run.scheduler.step()
         p.train_time += time.perf_counter() - t0
         p.step += 1
@@ -453,16 +449,29 @@ def run_epoch(run: Run, bar: tqdm | None = None) -> None:
             bar.set_postfix(loss=f"{value:.3f}", val_loss=f"{last['val_loss']:.3f}" if last else "-")
             bar.update(1)
         if run.checkpointer is not None and run.checkpointer.due(p.step, p.batch_in_epoch):
-            state = run.state()  # every rank: it gathers their random states
+            with step_failures(run, shard, p.step):
+                state = run.state()  # every rank: it gathers their random states
             if state is not None:
                 run.checkpointer.save(state)
             run.checkpoint_step = p.step
     p.epoch, p.batch_in_epoch = p.epoch + 1, 0
 
 
-def step_failure(err: BaseException, run: Run, shard: Shard) -> TrainError | None:
+@contextlib.contextmanager
+def step_failures(run: Run, shard: Shard, step: int) -> Iterator[None]:
+    """Step ``step``'s work (the step, or the checkpoint after it, whose random states come from every
+    rank): running out of memory or losing another rank becomes a one-line :class:`TrainError`."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as err:
+        if (error := step_failure(err, run, shard, step)) is None:
+            raise
+        raise error from err
+
+
+def step_failure(err: BaseException, run: Run, shard: Shard, step: int) -> TrainError | None:
     """A one-line :class:`TrainError` for a step that ran out of memory or lost another rank; None otherwise."""
-    t, step = run.train, run.progress.step + 1
+    t = run.train
     resume = (f"the checkpoint of step {run.checkpoint_step} is intact: the next run resumes there"
               if run.checkpoint_step is not None else "no checkpoint yet: the next run starts over")  # fmt: skip
     if is_out_of_memory(err):
