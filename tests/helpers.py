@@ -3,6 +3,7 @@ and Hypothesis strategies for text."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,6 +56,18 @@ def adamw_step(model: SpamClassifier) -> None:
     lengths = torch.tensor([9, 3, 5, 1])
     F.cross_entropy(model(ids, lengths), torch.tensor([0, 1, 1, 0])).backward()
     opt.step()
+
+
+def compiled_calls(fn: Callable[[], object]) -> tuple[int, int]:
+    """What ``fn()`` ran of torch.compile'd code, from the profiler: (compiled graph calls, of them
+    through Dynamo's checks)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    counts = {event.key: event.count for event in prof.key_averages()}
+    through_dynamo = sum(n for key, n in counts.items() if key.startswith("Torch-Compiled Region"))
+    return sum(n for key, n in counts.items() if key.startswith("## Call CompiledFxGraph")), through_dynamo
 
 
 def one_error_line(err: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch._dynamo.utils import counters as dynamo_counters
 from torch._inductor import config as inductor_config
-from torch.profiler import profile
 
 from gpt2lab.errors import Gpt2labError
 from gpt2lab.generate import (
@@ -25,6 +23,7 @@ from gpt2lab.generate import (
 )
 from gpt2lab.kernels import CompileUnavailable
 from gpt2lab.model import GPT2, GPT2Config
+from tests.helpers import compiled_calls
 
 VOCAB = 128
 
@@ -453,16 +452,6 @@ def test_generate_invalid_arguments_are_named(gen_lm, bad):
 
 
 # --- compiled decoding ------------------------------------------------------------------------
-def _compiled_steps(fn: Callable[[], object]) -> tuple[int, int]:
-    """What a call ``fn()`` of compiled decoding ran, from the profiler: (compiled graph calls, of them
-    through Dynamo's checks)."""
-    with profile() as prof:
-        fn()
-    counts = {event.key: event.count for event in prof.key_averages()}
-    through_dynamo = sum(n for key, n in counts.items() if key.startswith("Torch-Compiled Region"))
-    return sum(n for key, n in counts.items() if key.startswith("## Call CompiledFxGraph")), through_dynamo
-
-
 @pytest.mark.parametrize(
     ("cfg", "prompts", "n", "lookup"),
     [
@@ -485,7 +474,7 @@ def test_compiled_decoding_compiles_once_per_cache_length(lm, cpp_compiler):
     expected = generate(lm, [prompt], 10)
     generate(lm, [prompt], 3, compile=True)  # compiles (or loads Inductor's cached kernels)
     graphs = dynamo_counters["stats"]["unique_graphs"]
-    steps = _compiled_steps(lambda: generate(lm, [prompt], 10, compile=True))
+    steps = compiled_calls(lambda: generate(lm, [prompt], 10, compile=True))
     assert steps == (9, 1)  # every step after the prompt's; Dynamo checks the first, the others reuse its graph
     other = _prompt(9, 9)
     assert generate(lm, [other], 20, compile=True) == generate(lm, [other], 20)  # another length, same cache

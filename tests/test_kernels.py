@@ -16,6 +16,7 @@ from gpt2lab.generate import generate, stream
 from gpt2lab.kernels import FEW_ROWS, FewRowLinear, bf16_addmv_op, compiled_decode_step, few_row_kernels
 from gpt2lab.lora import LoRAConfig, LoRALinear, apply_lora
 from gpt2lab.model import GPT2, GPT2Config
+from tests.helpers import compiled_calls
 
 # A different summation order: about one unit in the last place for one projection (bf16 keeps
 # 8 bits), a few after a whole model.
@@ -255,20 +256,21 @@ def test_a_compiled_step_calls_its_graph_directly_on_the_same_input_tensors(cpp_
     step = compiled_decode_step(model)
     model.setup_cache(batch_size=2, max_len=8)
     logits = []
-    with torch.inference_mode(), few_row_kernels(model), profile() as prof:
-        # Made in inference mode, as _cached_steps' (and a decoder's): the graph compiled for those serves.
-        idx, pos, column = (torch.zeros(shape, dtype=torch.long) for shape in ((2, 1), (2, 1), (1,)))
-        key_mask = torch.zeros(2, 8, dtype=torch.bool)
-        for t, token in enumerate(tokens):
-            idx.copy_(token)
-            pos.fill_(t)
-            column.fill_(t)
-            key_mask[:, t] = True
-            logits.append(step(idx, pos, column, key_mask))
-        logits.append(step(tokens[0], pos.clone(), column.clone(), key_mask.clone()))  # other tensors: checked
-    counts = {event.key: event.count for event in prof.key_averages()}
-    assert sum(n for key, n in counts.items() if key.startswith("## Call CompiledFxGraph")) == len(tokens) + 1
-    assert sum(n for key, n in counts.items() if key.startswith("Torch-Compiled Region")) == 2
+
+    def steps() -> None:
+        with torch.inference_mode(), few_row_kernels(model):
+            # Made in inference mode, as _cached_steps' (and a decoder's): the graph compiled for those serves.
+            idx, pos, column = (torch.zeros(shape, dtype=torch.long) for shape in ((2, 1), (2, 1), (1,)))
+            key_mask = torch.zeros(2, 8, dtype=torch.bool)
+            for t, token in enumerate(tokens):
+                idx.copy_(token)
+                pos.fill_(t)
+                column.fill_(t)
+                key_mask[:, t] = True
+                logits.append(step(idx, pos, column, key_mask))
+            logits.append(step(tokens[0], pos.clone(), column.clone(), key_mask.clone()))  # other tensors: checked
+
+    assert compiled_calls(steps) == (len(tokens) + 1, 2)
     torch.testing.assert_close(torch.cat(logits[:-1], dim=1), eager, **MODEL_TOLERANCE[torch.float32])
 
 

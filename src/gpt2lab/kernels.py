@@ -257,19 +257,18 @@ class CompiledDecodeStep:
             return self._graph()[0]  # the graph's outputs: (logits,)
         if self._uncompiled:
             return self.model.decode_step(*inputs)
-        _CAPTURED.graph = None
-        _CAPTURED.on = True
+        _CAPTURED.on, _CAPTURED.graph = True, None
         try:
             with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
                 logits = _compiled()(self.model, *inputs)
+            self._graph, self._inputs = _CAPTURED.graph, inputs
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             log.warning("compiled decoding holds %d graphs in this process already: this run decodes uncompiled",
                         MAX_GRAPHS)  # fmt: skip
             self._uncompiled = True
             return self.model.decode_step(*inputs)
         finally:
-            captured, _CAPTURED.on, _CAPTURED.graph = _CAPTURED.graph, False, None
-        self._graph, self._inputs = captured, inputs
+            _CAPTURED.on, _CAPTURED.graph = False, None
         return logits
 
 
