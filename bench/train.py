@@ -36,6 +36,7 @@ from machine import Yardstick, compiler_note
 from gpt2lab.batching import SpamDataset, make_loader
 from gpt2lab.classifier import SpamClassifier, cast_frozen_linears, configure
 from gpt2lab.devices import autocast
+from gpt2lab.kernels import inductor_options
 from gpt2lab.lora import LoRAConfig
 from gpt2lab.model import GPT2, GPT2Config
 from gpt2lab.tokenizer import EOT_TOKEN
@@ -86,7 +87,7 @@ def bench_gpt2lab(
         cast_frozen_linears(model, torch.bfloat16)
     model.train()
     if compile:
-        model.compile(dynamic=True)  # as train.compile does
+        model.compile(dynamic=True, options=inductor_options())  # as train.compile does
     optimizer = make_optimizer(model, 5e-5, 0.1)
     params = [p for p in model.parameters() if p.requires_grad]
     loader = make_loader(dataset, args.batch_size, shuffle=True, seed=0, bucket=bucket)

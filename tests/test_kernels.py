@@ -400,3 +400,32 @@ def test_without_the_attention_kernel_compiled_attention_is_decomposed(monkeypat
         ]
     finally:
         kernels._load_decode_attention.cache_clear()  # the next caller loads the real one again
+
+
+def test_compiled_graphs_compute_tanh_with_a_sigmoid(cpp_compiler):
+    """Inductor's pass leaves no tanh in a graph, and compiled tanh GELU and its gradient equal eager's."""
+    from torch._inductor.utils import run_and_get_code
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    tanh_as_sigmoid = kernels.inductor_options()["post_grad_custom_post_pass"]
+    graph = make_fx(torch.tanh)(torch.randn(4))
+    tanh_as_sigmoid(graph.graph)
+    graph.recompile()
+    targets = {node.target for node in graph.graph.nodes}
+    assert torch.ops.aten.tanh.default not in targets and torch.ops.aten.sigmoid.default in targets
+    x = torch.linspace(-20, 20, 4001, dtype=torch.float64)
+    torch.testing.assert_close(graph(x), torch.tanh(x), rtol=0, atol=1e-15)
+
+    def gelu(x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.gelu(x, approximate="tanh")
+
+    compiled = torch.compile(gelu, options=kernels.inductor_options())
+    for dtype, tol in ((torch.float32, {"rtol": 1e-6, "atol": 1e-6}), (torch.bfloat16, TOLERANCE[torch.bfloat16])):
+        x = torch.linspace(-8, 8, 1001, dtype=dtype, requires_grad=True)
+        grad = torch.linspace(-1, 1, 1001, dtype=dtype)
+        (eager_grad,) = torch.autograd.grad(gelu(x), x, grad)
+        y, code = run_and_get_code(compiled, x)
+        (compiled_grad,) = torch.autograd.grad(y, x, grad)
+        assert "tanh" not in "".join(code).lower()  # the forward's kernels
+        torch.testing.assert_close(y, gelu(x), **tol)
+        torch.testing.assert_close(compiled_grad, eager_grad, **tol)

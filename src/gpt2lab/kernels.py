@@ -298,6 +298,45 @@ def check_compiler() -> None:
         ) from None
 
 
+def inductor_options() -> dict[str, Any]:
+    """Inductor settings for gpt2lab's compiled graphs (``torch.compile(..., options=...)``): every
+    ``tanh`` is computed as ``2 * sigmoid(2u) - 1`` (see ``_tanh_as_sigmoid_pass``)."""
+    return {"post_grad_custom_post_pass": _tanh_as_sigmoid_pass()()}
+
+
+@functools.cache
+def _tanh_as_sigmoid_pass() -> type:
+    # Made at first use: torch._inductor takes ~1 s to import, and only compiling needs it.
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    class TanhAsSigmoid(CustomGraphPass):
+        """An Inductor pass over the graphs after autograd: ``tanh(u)`` becomes ``2 * sigmoid(2u) - 1``.
+
+        The same function, but Inductor's CPU kernels compute ``tanh`` ~2.6x slower than the ``exp``
+        of a sigmoid: GPT-2's tanh GELU of a bf16 (960, 3072) activation 5.4 -> 2.1 ms, and a 124M
+        LoRA training step spends ~9% of its time in its GELUs and their gradients. The result differs
+        from ``tanh``'s by float rounding (~1e-7 absolute in fp32).
+        """
+
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            aten = torch.ops.aten
+            for node in graph.find_nodes(op="call_function", target=aten.tanh.default):
+                with graph.inserting_before(node):
+                    two_u = graph.call_function(aten.mul.Tensor, (node.args[0], 2.0))
+                    sigmoid = graph.call_function(aten.sigmoid.default, (two_u,))
+                    tanh = graph.call_function(aten.sub.Tensor, (graph.call_function(aten.mul.Tensor, (sigmoid, 2.0)), 1.0))
+                for new in (two_u, sigmoid, tanh.args[0], tanh):
+                    new.meta.update(node.meta)  # elementwise: the same shape and dtype as tanh's
+                node.replace_all_uses_with(tanh)
+                graph.erase_node(node)
+
+        def uuid(self) -> bytes:
+            # Part of Inductor's cache keys: this file's hash, so a change here recompiles.
+            return get_hash_for_files((__file__,))
+
+    return TanhAsSigmoid
+
+
 @functools.cache
 def _compiled() -> Callable[..., torch.Tensor]:
     from torch._inductor import decomposition, lowering
@@ -319,7 +358,8 @@ def _compiled() -> Callable[..., torch.Tensor]:
     table[_FLASH] = _decode_attention
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
-        graph = compile_fx(gm, example_inputs, decompositions=table, config_patches={"cpp_wrapper": True})
+        options = {**inductor_options(), "cpp_wrapper": True}
+        graph = compile_fx(gm, example_inputs, decompositions=table, config_patches=options)
 
         def run(*args: Any) -> Any:
             if getattr(_CAPTURED, "on", False):

@@ -60,7 +60,7 @@ from gpt2lab.devices import autocast, describe, grad_scaler, is_out_of_memory, r
 from gpt2lab.distributed import ONE_PROCESS, World, all_gather, all_reduce_sum, broadcast, gather, is_peer_lost
 from gpt2lab.errors import Gpt2labError
 from gpt2lab.fileio import write_atomic
-from gpt2lab.kernels import check_compilable
+from gpt2lab.kernels import check_compilable, inductor_options
 from gpt2lab.lora import LoRAConfig
 from gpt2lab.params import LoRAParams, TrainParams
 from gpt2lab.plots import save_train_plots
@@ -366,7 +366,7 @@ def setup(
                              "set it false under torchrun")  # fmt: skip
         check_compilable(model)
         # One graph for every batch shape (bucketed batches vary in length), and one for evaluation.
-        model.compile(dynamic=True)
+        model.compile(dynamic=True, options=inductor_options())
         log.info("train.compile: the first step and the first estimate compile the model (~0.5-2 min, then cached)")
     if world.rank > 0:  # rank 0 keeps the one-process stream; the others draw dropout masks of their own
         torch.manual_seed(rank_seed(seed, world.rank))
