@@ -50,6 +50,22 @@ def test_collate_pads_to_the_longest_in_the_batch(seqs):
         assert row[: len(s)] == s and row[len(s) :] == [EOT_TOKEN] * (longest - len(s))
 
 
+@pytest.mark.parametrize(
+    "rows, longest, width",
+    [(8, 5, 6), (8, 6, 6), (16, 5, 5), (24, 3, 4), (7, 5, 5), (4, 5, 5), (4, 3, 4)],
+)
+def test_collate_pads_one_position_more_when_that_makes_whole_row_tiles(rows, longest, width):
+    """row_multiple 16: B x T positions made a multiple of 16 by one more padding position, else left."""
+    items = [([7] * (longest if i == 0 else 1), 0) for i in range(rows)]
+    batch = batching.collate(items, row_multiple=batching.BF16_CPU_ROWS)
+    assert batch.ids.shape == (rows, width) and batch.lengths.tolist() == [longest] + [1] * (rows - 1)
+    assert (batch.ids[0, longest:] == EOT_TOKEN).all()
+    assert batching.collate(items).ids.shape == (rows, longest)
+    shard = batching.collate_shard(items, accum_steps=2, row_multiple=batching.BF16_CPU_ROWS)
+    pieces = batching.split_batch(items, 0, 1, 2)
+    assert [b.ids.shape for b in shard.micro] == [batching.collate(p, batching.BF16_CPU_ROWS).ids.shape for p in pieces]
+
+
 def test_collate_rejects_empty_input():
     with pytest.raises(ValueError, match="empty batch"):
         batching.collate([])

@@ -21,7 +21,7 @@ from gpt2lab.devices import DeviceError
 from gpt2lab.inference import predict_proba
 from gpt2lab.lora import ADAPTER_FILE
 from gpt2lab.params import LoRAParams, TrainParams
-from gpt2lab.train import CURVE_COLUMNS, fixed_batches, lr_factor, train_classifier, write_outputs
+from gpt2lab.train import CURVE_COLUMNS, fixed_batches, lr_factor, setup, train_classifier, write_outputs
 from tests.helpers import one_error_line
 
 LORA = LoRAParams(rank=4, alpha=8.0)
@@ -62,6 +62,18 @@ def test_lora_training_learns_and_saves_the_adapter(tmp_path, train_inputs):
     val = pd.read_csv(data / "validation.csv", keep_default_na=False)
     acc = ((predict_proba(model, val.Text.tolist(), precision="fp32") >= 0.5) == val.Label).mean()
     assert acc == pytest.approx(m["val_accuracy"])
+
+
+@pytest.mark.parametrize("precision, multiple", [("bf16", 16), ("fp32", 1)])
+def test_bf16_batches_on_a_cpu_are_padded_to_whole_16_row_tiles(train_inputs, precision, multiple):
+    """bf16 on a CPU: a batch of 8 whose length is odd gets one more padding position (8 x T a multiple
+    of 16, the rows AMX's bf16 matmuls run whole); fp32 batches are padded to their longest message only."""
+    base, data = train_inputs
+    run = setup(base, data, LORA, _params(precision=precision, bucket=True), seed=3)
+    batches = [shard.micro[0] for shard in run.loader(0)] + run.estimate_batches["train"]
+    widths = [(b.ids.shape[1], int(b.lengths.max())) for b in batches if len(b.ids) == 8]
+    assert any(longest % 2 for _, longest in widths)  # some batch needs it
+    assert all(width == longest + ((longest * 8) % multiple != 0) for width, longest in widths)
 
 
 def test_training_is_deterministic(tmp_path, train_inputs):

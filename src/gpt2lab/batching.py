@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 NO_LABEL = -100  # label of unlabelled examples: PyTorch's cross-entropy ignore_index
 BUCKET_POOL_BATCHES = 100  # length bucketing sorts within pools of this many batches
+# Batch positions a multiple of this for bf16 on a CPU (collate's row_multiple): a 124M layer's matmuls,
+# forward and backward, on 16 x k rows ~10% faster than on 16 x k - 8 (fp32: no gain); LoRA training 1.04x.
+BF16_CPU_ROWS = 16
 T = TypeVar("T")
 
 
@@ -113,23 +116,36 @@ def split_batch(items: Sequence[T], rank: int, world_size: int, accum_steps: int
 
 
 def collate_shard(
-    batch: Sequence[tuple[Sequence[int], int]], *, rank: int = 0, world_size: int = 1, accum_steps: int = 1
+    batch: Sequence[tuple[Sequence[int], int]],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    accum_steps: int = 1,
+    row_multiple: int = 1,
 ) -> Shard:
     """``collate`` for one process's share of a global batch (see :func:`split_batch` and :class:`Shard`)."""
     micro = []
     for piece in split_batch(batch, rank, world_size, accum_steps):
-        micro.append(collate(piece) if piece else collate([(batch[0][0], NO_LABEL)]))
+        micro.append(collate(piece or [(batch[0][0], NO_LABEL)], row_multiple))
     return Shard(micro, len(batch))
 
 
-def collate(batch: Sequence[tuple[Sequence[int], int]]) -> Batch:
-    """Stack ``(ids, label)`` items, padding to the longest sequence in this batch (not a global maximum)."""
+def collate(batch: Sequence[tuple[Sequence[int], int]], row_multiple: int = 1) -> Batch:
+    """Stack ``(ids, label)`` items, padding to the longest sequence in this batch (not a global maximum).
+
+    ``row_multiple``: one position more when that makes the batch's B x T positions (the rows of
+    every projection's matmul) a multiple of it. bf16 matmuls on a CPU with AMX run 16-row tiles:
+    at batch 8, 16 x k rows are ~10% faster than 8 fewer (see :data:`BF16_CPU_ROWS`).
+    """
     if not batch:
         raise ValueError("cannot collate an empty batch")
     lengths = torch.tensor([len(ids) for ids, _ in batch], dtype=torch.long)  # (B,)
     if int(lengths.min()) < 1:
         raise ValueError(f"example {int(lengths.argmin())} of the batch has no tokens; every example needs >= 1")
-    ids = torch.full((len(batch), int(lengths.max())), EOT_TOKEN, dtype=torch.long)  # (B, T)
+    B, T = len(batch), int(lengths.max())
+    if (B * T) % row_multiple and (B * (T + 1)) % row_multiple == 0:
+        T += 1
+    ids = torch.full((B, T), EOT_TOKEN, dtype=torch.long)  # (B, T)
     for row, (seq, _) in enumerate(batch):
         ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
     labels = torch.tensor([label for _, label in batch], dtype=torch.long)  # (B,)
@@ -229,6 +245,7 @@ def make_loader(
     drop_last: bool = False,
     shard: tuple[int, int, int] | None = None,
     pin_memory: bool = False,
+    row_multiple: int = 1,
 ) -> DataLoader:
     """A seeded DataLoader yielding :class:`Batch` (ids (B, T), lengths (B,), labels (B,)).
 
@@ -239,11 +256,13 @@ def make_loader(
     ``shard=(rank, world_size, accum_steps)`` yields instead, for each global batch of
     ``batch_size`` (the same global batches for any shard), the :class:`Shard` of process
     ``rank``. ``pin_memory`` puts batches in page-locked memory, for non-blocking copies to a GPU.
+    ``row_multiple``: see :func:`collate`.
     """
-    collate_fn = collate
+    collate_fn = functools.partial(collate, row_multiple=row_multiple)
     if shard is not None:
         rank, world_size, accum_steps = shard
-        collate_fn = functools.partial(collate_shard, rank=rank, world_size=world_size, accum_steps=accum_steps)
+        collate_fn = functools.partial(collate_shard, rank=rank, world_size=world_size, accum_steps=accum_steps,
+                                       row_multiple=row_multiple)  # fmt: skip
     if bucket:
         lengths, labels = _lengths_and_labels(dataset)
         sampler = LengthBucketSampler(
