@@ -2,7 +2,8 @@
 
 GPT-2 124M (random weights: speed does not depend on their values), LoRA rank 16 on every
 attention and MLP projection plus a 2-class head, batch size 8, AdamW, gradient clipping,
-on the balanced training split. Both run in this process, at each precision asked for.
+on the balanced training split. All run in this process, at each precision asked for, and take
+turns step by step (a machine whose speed drifts during the run slows every row alike).
 
 - gpt2lab: the training step of ``gpt2lab.train`` (per-batch padding, optionally bucketed
   by length; no LM head; frozen weights stored in bf16 under autocast).
@@ -62,14 +63,31 @@ class Work(NamedTuple):
         return cls(len(ids), ids.numel(), int(lengths.sum()))
 
 
-def time_steps(step: Callable[[], Work], warmup: int, steps: int) -> tuple[float, Work]:
-    """Run ``warmup`` untimed then ``steps`` timed calls of ``step``; (seconds, the timed steps' work)."""
-    for _ in range(warmup):
-        step()
-    work, t0 = Work(0, 0, 0), time.perf_counter()
-    for _ in range(steps):
-        work += step()
-    return time.perf_counter() - t0, work
+class Row(NamedTuple):
+    """One framework's training step (``step()`` -> the work it did), how many steps to time, trainable params."""
+
+    step: Callable[[], Work]
+    steps: int
+    trainable: int
+
+
+def time_interleaved(rows: list[Row], warmup: int) -> list[tuple[float, Work]]:
+    """Each row's ``warmup`` untimed steps, then its timed steps, the rows taking turns step by step
+    (a machine whose speed drifts during the run slows every row alike), a row of fewer steps spreading
+    them evenly over the turns; (seconds, work) per row."""
+    for row in rows:
+        for _ in range(warmup):
+            row.step()
+    seconds, work = [0.0] * len(rows), [Work(0, 0, 0)] * len(rows)
+    turns = max(row.steps for row in rows)
+    for i in range(turns):
+        for r, row in enumerate(rows):
+            if (i + 1) * row.steps // turns > i * row.steps // turns:  # row.steps of the turns, evenly
+                t0 = time.perf_counter()
+                done = row.step()
+                seconds[r] += time.perf_counter() - t0
+                work[r] += done
+    return list(zip(seconds, work))
 
 
 def cycle(loader) -> Iterator:
@@ -77,9 +95,9 @@ def cycle(loader) -> Iterator:
         yield from loader
 
 
-def bench_gpt2lab(
+def gpt2lab_row(
     dataset: SpamDataset, args: argparse.Namespace, precision: str, bucket: bool, compile: bool = False
-) -> tuple[float, Work, int]:
+) -> Row:
     torch.manual_seed(0)
     model = SpamClassifier(GPT2(GPT2Config.preset("gpt2")))
     trainable = configure(model, "lora", LoRAConfig(args.rank, float(args.rank), 0.0, TARGETS))
@@ -100,14 +118,14 @@ def bench_gpt2lab(
         return Work.of(batch.ids, batch.lengths)
 
     if compile:
-        seconds, _ = time_steps(step, 0, 1)
-        print(f"(gpt2lab {precision} compiled: first step {seconds:.0f} s, compiling; untimed)")
+        t0 = time.perf_counter()
+        step()
+        print(f"(gpt2lab {precision} compiled: first step {time.perf_counter() - t0:.0f} s, compiling; untimed)")
     # Default: one whole epoch, so bucketed batches of every length are timed in proportion.
-    seconds, work = time_steps(step, args.warmup, args.steps or len(loader))
-    return seconds, work, trainable
+    return Row(step, args.steps or len(loader), trainable)
 
 
-def bench_hf(dataset: SpamDataset, args: argparse.Namespace, precision: str) -> tuple[float, Work, int]:
+def hf_row(dataset: SpamDataset, args: argparse.Namespace, precision: str) -> Row:
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import GPT2Config as HFConfig
     from transformers import GPT2ForSequenceClassification
@@ -153,8 +171,7 @@ def bench_hf(dataset: SpamDataset, args: argparse.Namespace, precision: str) -> 
         optimizer.zero_grad()
         return Work.of(ids, mask.sum(1))
 
-    seconds, work = time_steps(step, args.warmup, args.hf_steps)
-    return seconds, work, trainable
+    return Row(step, args.hf_steps, trainable)
 
 
 def main() -> None:
@@ -189,14 +206,16 @@ def main() -> None:
     for precision in args.precision:
         rows = []
         if not args.skip_hf:
-            rows.append(("transformers+peft", f"{args.hf_padding} + mask", *bench_hf(dataset, args, precision)))
-        rows.append(("gpt2lab", "per batch", *bench_gpt2lab(dataset, args, precision, bucket=False)))
-        rows.append(("gpt2lab", "per batch, bucketed", *bench_gpt2lab(dataset, args, precision, bucket=True)))
+            rows.append(("transformers+peft", f"{args.hf_padding} + mask", hf_row(dataset, args, precision)))
+        rows.append(("gpt2lab", "per batch", gpt2lab_row(dataset, args, precision, bucket=False)))
+        rows.append(("gpt2lab", "per batch, bucketed", gpt2lab_row(dataset, args, precision, bucket=True)))
         if compiled:
             rows.append(("gpt2lab compiled", "per batch, bucketed",
-                         *bench_gpt2lab(dataset, args, precision, bucket=True, compile=True)))  # fmt: skip
-        hf_rate = rows[0][3].examples / rows[0][2] if not args.skip_hf else None
-        for name, padding, seconds, work, trainable in rows:
+                         gpt2lab_row(dataset, args, precision, bucket=True, compile=True)))  # fmt: skip
+        timed = time_interleaved([row for *_, row in rows], args.warmup)
+        hf_rate = timed[0][1].examples / timed[0][0] if not args.skip_hf else None
+        for (name, padding, row), (seconds, work) in zip(rows, timed):
+            trainable = row.trainable
             rate = work.examples / seconds
             epochs_min = EPOCHS * n / rate / 60
             vs = f"{rate / hf_rate:.1f}x" if hf_rate else "-"
