@@ -41,7 +41,7 @@ from gpt2lab.kernels import inductor_options
 from gpt2lab.lora import LoRAConfig
 from gpt2lab.model import GPT2, GPT2Config
 from gpt2lab.tokenizer import EOT_TOKEN
-from gpt2lab.train import make_optimizer, row_multiple, train_step
+from gpt2lab.train import make_optimizer, row_multiple_for, train_step
 
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 EPOCHS = 5
@@ -109,7 +109,7 @@ def gpt2lab_row(
     optimizer = make_optimizer(model, 5e-5, 0.1)
     params = [p for p in model.parameters() if p.requires_grad]
     loader = make_loader(dataset, args.batch_size, shuffle=True, seed=0, bucket=bucket,
-                         row_multiple=row_multiple(precision, torch.device("cpu")))  # as train does
+                         row_multiple=row_multiple_for(precision, torch.device("cpu")))  # as train does
     batches = cycle(loader)
 
     def step() -> Work:

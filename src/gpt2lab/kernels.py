@@ -324,8 +324,9 @@ def _tanh_as_sigmoid_pass() -> type:
                 with graph.inserting_before(node):
                     two_u = graph.call_function(aten.mul.Tensor, (node.args[0], 2.0))
                     sigmoid = graph.call_function(aten.sigmoid.default, (two_u,))
-                    tanh = graph.call_function(aten.sub.Tensor, (graph.call_function(aten.mul.Tensor, (sigmoid, 2.0)), 1.0))
-                for new in (two_u, sigmoid, tanh.args[0], tanh):
+                    twice = graph.call_function(aten.mul.Tensor, (sigmoid, 2.0))
+                    tanh = graph.call_function(aten.sub.Tensor, (twice, 1.0))
+                for new in (two_u, sigmoid, twice, tanh):
                     new.meta.update(node.meta)  # elementwise: the same shape and dtype as tanh's
                 node.replace_all_uses_with(tanh)
                 graph.erase_node(node)
