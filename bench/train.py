@@ -215,14 +215,13 @@ def main() -> None:
         timed = time_interleaved([row for *_, row in rows], args.warmup)
         hf_rate = timed[0][1].examples / timed[0][0] if not args.skip_hf else None
         for (name, padding, row), (seconds, work) in zip(rows, timed):
-            trainable = row.trainable
             rate = work.examples / seconds
             epochs_min = EPOCHS * n / rate / 60
             vs = f"{rate / hf_rate:.1f}x" if hf_rate else "-"
             per_step = work.positions * args.batch_size / work.examples
             wasted = 1 - work.tokens / work.positions
             print(
-                f"{name:<18} {precision:<9} {padding:<20} {trainable:>10,} {per_step:>14.0f} {wasted:>15.0%} "
+                f"{name:<18} {precision:<9} {padding:<20} {row.trainable:>10,} {per_step:>14.0f} {wasted:>15.0%} "
                 f"{rate:>10.1f} {epochs_min:>7.1f} m {vs:>6}"
             )
     print(yardstick.line(start_ms, yardstick.read_ms()))
