@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from gpt2lab.kernels import CompileUnavailable, bf16_kernel_for, check_compiler
+from gpt2lab.kernels import CompileUnavailable, bf16_kernel_for, check_compiler, matvecs_op
 from gpt2lab.model import GPT2, PRESETS
 
 READS = 5  # memory idle for a while takes 2-3 passes to read at full speed again: keep the fastest
@@ -35,41 +35,57 @@ def matrices(model: GPT2) -> list[torch.Tensor]:
     return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
 
-def readers(matrix: torch.Tensor) -> list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """The matrix-vector kernels that read matrices like ``matrix``: ``torch.mv``, and in bf16 gpt2lab's
-    own kernel where it runs (it reads bf16 faster than ``torch.mv`` does)."""
-    fns: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = [torch.mv]
+Reader = Callable[[list[torch.Tensor], list[torch.Tensor]], object]
+
+
+def one_by_one(mv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Reader:
+    """A reader that calls ``mv(w, x)`` for each matrix in turn."""
+    return lambda ws, xs: [mv(w, x) for w, x in zip(ws, xs)]
+
+
+def readers(matrix: torch.Tensor) -> list[Reader]:
+    """The ways there are to read matrices like ``matrix`` (each ``read(matrices, vectors)``): ``torch.mv``
+    one matrix at a time; in bf16, gpt2lab's matrix-vector kernel one at a time (it reads bf16 faster
+    than ``torch.mv``); and where gpt2lab's fused decoding step runs, its products alone, all in one call
+    (``gpt2lab::matvecs``: what the fused step reads, with no other work between the matrices)."""
+    fns = [one_by_one(torch.mv)]
     if (op := bf16_kernel_for(matrix)) is not None:
-        fns.append(lambda w, x: op(None, w, x))
+        fns.append(one_by_one(lambda w, x: op(None, w, x)))
+    if (matvecs := matvecs_op(matrix)) is not None:
+        fns.append(matvecs)
     return fns
 
 
 @torch.inference_mode()
-def weight_read_seconds(model: GPT2, xs: list[torch.Tensor], mv: Callable = torch.mv) -> float:
+def weight_read_seconds(model: GPT2, xs: list[torch.Tensor], read: Reader = one_by_one(torch.mv)) -> float:
     """Time to read every matrix of ``model`` once, in forward order: a matrix-vector product per
     matrix (``xs``: one vector each) and nothing else. The floor under any plain decoding step
     of batch 1, whatever library runs it."""
+    ws = matrices(model)
     t0 = time.perf_counter()
-    for w, x in zip(matrices(model), xs):
-        mv(w, x)
+    read(ws, xs)
     return time.perf_counter() - t0
 
 
-def fastest_read_seconds(model: GPT2, xs: list[torch.Tensor], reads: int = READS) -> float:
-    """The fastest of ``reads`` :func:`weight_read_seconds` with each of :func:`readers`: what memory
-    gives once it is read at full speed, by the fastest kernel there is for the dtype."""
-    return min(weight_read_seconds(model, xs, mv) for mv in readers(xs[0]) for _ in range(reads))
+def fastest_read_seconds(
+    model: GPT2, xs: list[torch.Tensor], reads: int = READS, ways: list[Reader] | None = None
+) -> float:
+    """The fastest of ``reads`` :func:`weight_read_seconds` with each of ``ways`` (default: :func:`readers`):
+    what memory gives once it is read at full speed, by the fastest kernel there is for the dtype."""
+    ways = readers(xs[0]) if ways is None else ways
+    return min(weight_read_seconds(model, xs, read) for read in ways for _ in range(reads))
 
 
 class Yardstick:
-    """GPT-2 124M's fp32 weights (random) and :meth:`read_ms`, the fastest of ``READS`` reads of them."""
+    """GPT-2 124M's fp32 weights (random) and :meth:`read_ms`, the fastest of ``READS`` reads of them by
+    ``torch.mv`` (the same reader in every run, so that yardsticks compare across versions)."""
 
     def __init__(self) -> None:
         self.model = GPT2(PRESETS["gpt2"]).eval()
         self.xs = [torch.randn(w.shape[1]) for w in matrices(self.model)]
 
     def read_ms(self) -> float:
-        return fastest_read_seconds(self.model, self.xs) * 1e3
+        return fastest_read_seconds(self.model, self.xs, ways=[one_by_one(torch.mv)]) * 1e3
 
     @staticmethod
     def line(start_ms: float, end_ms: float) -> str:

@@ -146,6 +146,20 @@ def attention_kernel() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     return op
 
 
+@pytest.fixture(scope="session")
+def fused_step_kernel() -> Callable[..., torch.Tensor]:
+    """gpt2lab's whole-step decoding kernel (built here if needed). Skipped on a CPU without AVX-512
+    (it cannot run there); without a compiler or ninja, skipped except in CI."""
+    from gpt2lab.kernels import decode_token_op
+
+    if not torch.cpu._is_avx512_supported():
+        pytest.skip("this CPU has no AVX-512: decoding runs the model's layers one at a time")
+    op = decode_token_op()
+    if op is None:
+        _skip_or_fail_in_ci("gpt2lab's decoding kernel could not be built (a C++ compiler and ninja are needed)")
+    return op
+
+
 def _skip_or_fail_in_ci(why: str) -> None:
     """Skip the test for ``why`` (a missing system tool); in CI (``CI=true``) nothing may be skipped: fail it."""
     if os.environ.get("CI", "").lower() in ("true", "1"):

@@ -429,3 +429,154 @@ def test_compiled_graphs_compute_tanh_with_a_sigmoid(cpp_compiler):
         assert "tanh" not in "".join(code).lower()  # the forward's kernels
         torch.testing.assert_close(y, gelu(x), **tol)
         torch.testing.assert_close(compiled_grad, eager_grad, **tol)
+
+
+# --- gpt2lab's whole-step decoding kernel --------------------------------------------------------
+FUSED_CFG = GPT2Config(vocab_size=96, n_ctx=24, n_embd=64, n_layer=2, n_head=4)
+
+
+def _lively_model(cfg: GPT2Config, dtype: torch.dtype, seed: int) -> GPT2:
+    """A model whose layers all matter: random non-zero biases and layer norms too (GPT-2's init zeroes
+    the biases and sets the norms to 1, which would hide a bias or a norm applied at the wrong place)."""
+    torch.manual_seed(seed)
+    model = GPT2(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name or name.startswith("ln_f"):
+                p.normal_(0.0 if name.endswith("bias") else 1.0, 0.2)
+            else:
+                p.normal_(0.0, 0.15)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_step_equals_the_layers_called_one_by_one(fused_step_kernel, dtype):
+    """The fused step's logits and the key and value it writes to the cache equal the model's own
+    one-token step from the same cache (up to float rounding), at the first column, in the middle and at
+    the last one, with a position id other than the column."""
+    if dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
+        pytest.skip("this CPU has no AVX512-BF16: bf16 decoding runs the model's layers one at a time")
+    model = _lively_model(FUSED_CFG, dtype, seed=11)
+    prompt = torch.tensor([[5, 17, 3, 60, 2]])
+    max_len = FUSED_CFG.n_ctx
+    with torch.inference_mode(), few_row_kernels(model):
+        model.setup_cache(1, max_len)
+        model(prompt, start=0)
+        before = [block.attn.kv_cache.kv.clone() for block in model.h]
+        step = kernels.fused_decode_step(model, batch_size=1)
+        assert step is not None
+        for token, position, column in ((7, 0, 0), (41, 9, 5), (95, 23, max_len - 1)):
+            for block, kv in zip(model.h, before):
+                block.attn.kv_cache.kv.copy_(kv)
+            ref = model(torch.tensor([[token]]), pos=torch.tensor([[position]]), start=column, last_only=True)
+            ref_cache = [block.attn.kv_cache.kv.clone() for block in model.h]
+            for block, kv in zip(model.h, before):
+                block.attn.kv_cache.kv.copy_(kv)
+            logits = step(token, position, column)
+            assert logits.shape == (1, 1, FUSED_CFG.vocab_size) and logits.dtype == dtype
+            torch.testing.assert_close(logits, ref, **MODEL_TOLERANCE[dtype])
+            for block, expected in zip(model.h, ref_cache):
+                torch.testing.assert_close(block.attn.kv_cache.kv, expected, **MODEL_TOLERANCE[dtype])
+        model.clear_cache()
+
+
+def _decode_token_calls(fn: Callable[[], object]) -> int:
+    with profile() as prof:
+        fn()
+    return sum(event.count for event in prof.key_averages() if event.key == "gpt2lab::decode_token")
+
+
+@pytest.mark.parametrize("prompt_lookup", [0, 3])
+def test_one_sequence_decodes_with_the_fused_step_and_gives_the_layers_tokens(fused_step_kernel, prompt_lookup):
+    """Generating for one prompt runs a fused step per token after the prompt, past the context length
+    too (the context is cut and decoding goes on), and gives the tokens of the layers called one by one
+    (a forward hook keeps generation on that path) and of decoding without a cache."""
+    model = _lively_model(FUSED_CFG, torch.float32, seed=12)
+    prompt, n = [[5, 17, 3, 5, 17]], 3 * FUSED_CFG.n_ctx
+    out: list[list[int]] = []
+    calls = _decode_token_calls(lambda: out.extend(generate(model, prompt, n, prompt_lookup=prompt_lookup)))
+    if prompt_lookup:
+        assert 0 < calls < n - 1  # prompt lookup's checks of several tokens run the layers
+    else:
+        # One a token after the first, but for the 4 tokens that cut the context: the 20th new token
+        # fills the 24 columns, and every 12 tokens after it (24 -> 12 columns, run again as a prompt).
+        assert calls == n - 1 - 4
+    hook = model.register_forward_hook(lambda *_: None)
+    try:
+        layered: list[list[int]] = []
+        assert _decode_token_calls(lambda: layered.extend(generate(model, prompt, n, prompt_lookup=prompt_lookup))) == 0
+    finally:
+        hook.remove()
+    assert out == layered
+    ids = list(prompt[0])
+    with torch.inference_mode():
+        for _ in range(2 * FUSED_CFG.n_ctx // 3):  # uncached greedy decoding, before the first cut
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert out[0][: len(ids) - 5] == ids[5:]
+
+
+def test_the_fused_step_is_taken_only_where_it_runs_the_model_as_its_layers_do(fused_step_kernel):
+    """None (the layers one by one) for a batch, LoRA layers, int8 layers, an untied lm_head, a forward hook
+    or a width the kernel does not take; compiled decoding keeps its own step."""
+    from gpt2lab.quantize import quantize_int8
+
+    def fused(model: GPT2, batch_size: int = 1) -> kernels.FusedDecodeStep | None:
+        model.setup_cache(batch_size, 8)
+        try:
+            return kernels.fused_decode_step(model, batch_size)
+        finally:
+            model.clear_cache()
+
+    plain = GPT2(FUSED_CFG).eval()
+    assert isinstance(fused(plain), kernels.FusedDecodeStep)
+    assert fused(plain, batch_size=2) is None
+    lora = GPT2(FUSED_CFG).eval()
+    apply_lora(lora, LoRAConfig(rank=2, alpha=2.0, targets=("h.1.mlp.c_fc",)))
+    assert fused(lora) is None
+    if torch.backends.quantized.engine != "none":
+        int8 = GPT2(FUSED_CFG).eval()
+        quantize_int8(int8, "decode")
+        assert fused(int8) is None
+    untied = GPT2(FUSED_CFG).eval()
+    untied.lm_head.weight = nn.Parameter(untied.wte.weight.detach().clone())
+    assert fused(untied) is None
+    hooked = GPT2(FUSED_CFG).eval()
+    hook = hooked.h[1].ln_2.register_forward_pre_hook(lambda *_: None)
+    assert fused(hooked) is None
+    hook.remove()
+    assert isinstance(fused(hooked), kernels.FusedDecodeStep)
+    assert fused(GPT2(GPT2Config(vocab_size=96, n_ctx=24, n_embd=40, n_layer=1, n_head=2)).eval()) is None
+    assert fused(plain.to(torch.float16)) is None
+
+
+def test_fused_step_kernel_names_bad_inputs(fused_step_kernel):
+    model = GPT2(FUSED_CFG).eval()
+    model.setup_cache(1, 8)
+    step = kernels.fused_decode_step(model, 1)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="room for column 8"):
+            step(3, 8, 8)
+        with pytest.raises(RuntimeError, match="token 96, position 0 or column 0 out of range"):
+            step(96, 0, 0)
+        with pytest.raises(RuntimeError, match="12 tensors a block"):
+            fused_step_kernel(step.params[:-1], step.caches, 3, 0, 0, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matvecs_are_the_fused_steps_products_alone(fused_step_kernel, dtype):
+    """``gpt2lab::matvecs`` (a benchmark's floor) gives each matrix times its vector, for row counts that
+    fill no whole chunk or block, and names inputs it cannot take."""
+    if dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
+        pytest.skip("this CPU has no AVX512-BF16: the fused step does not run bf16 here")
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(rows, cols, generator=g).to(dtype) for rows, cols in ((96, 64), (203, 32), (7, 128))]
+    xs = [torch.randn(w.shape[1], generator=g).to(dtype) for w in ws]
+    op = kernels.matvecs_op(ws[0])
+    with torch.inference_mode():
+        outs = op(ws, xs)
+        for w, x, out in zip(ws, xs, outs):
+            assert out.dtype == dtype
+            torch.testing.assert_close(out.double(), w.double() @ x.double(), **TOLERANCE[dtype], check_dtype=False)
+        with pytest.raises(RuntimeError, match="in a multiple of 32"):
+            op([torch.randn(4, 40).to(dtype)], [torch.randn(40).to(dtype)])
+    assert kernels.matvecs_op(ws[0].to(torch.float16)) is None

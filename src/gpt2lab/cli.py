@@ -277,8 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guess up to N tokens per forward pass from earlier text; same output, "
                         "faster on repetitive text (default: %(default)s = off)")  # fmt: skip
     p.add_argument("--compile", action="store_true",
-                   help="decode with torch.compile (needs a C++ compiler): each step faster, ~25 s to compile "
-                        "the first time (cached after); for long outputs")  # fmt: skip
+                   help="decode with torch.compile (needs a C++ compiler; ~25 s to compile the first time, cached "
+                        "after): for long outputs on a CPU without AVX-512, where the default fused step does not "
+                        "run (with AVX-512 the default is faster)")  # fmt: skip
     p.add_argument("--ignore-eos", action="store_true", help="keep going after <|endoftext|>")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.set_defaults(func=_generate)

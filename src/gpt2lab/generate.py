@@ -5,7 +5,12 @@
 the model's preallocated KV cache, computing logits for the last position only; it yields
 every step's tokens, so a CLI can print text as it comes; :func:`generate` collects them.
 While it decodes on a CPU, the model's plain linear layers run the few-row CPU kernels of
-:mod:`gpt2lab.kernels` (swapped in, and back out at the end); on a GPU, PyTorch's own. Tokens
+:mod:`gpt2lab.kernels` (swapped in, and back out at the end); on a GPU, PyTorch's own. A single
+sequence on a CPU with AVX-512 (fp32, or bf16 with AVX512-BF16) decodes each token after the
+prompt with one call of gpt2lab's fused kernel (:func:`gpt2lab.kernels.fused_decode_step`), which
+runs the whole model's step at the pace its weights stream from memory; the tokens are those of
+the layers called one by one, up to float rounding. A model with other layers (LoRA, int8) or
+with forward hooks decodes layer by layer, so that its layers and hooks run. Tokens
 are drawn on the device of the ``generator`` given (a CPU generator on a GPU model: the same
 tokens as on a CPU, up to float rounding of the probabilities).
 
@@ -50,7 +55,7 @@ from typing import Any
 import torch
 
 from gpt2lab.errors import Gpt2labError
-from gpt2lab.kernels import compiled_decode_step, few_row_kernels
+from gpt2lab.kernels import compiled_decode_step, few_row_kernels, fused_decode_step
 from gpt2lab.model import GPT2
 
 log = logging.getLogger(__name__)
@@ -219,6 +224,8 @@ class _Decoder:
         if compiled is not None:
             cache_len = -(-cache_len // COMPILED_CACHE_STEP) * COMPILED_CACHE_STEP
         model.setup_cache(B, min(cfg.n_ctx, cache_len))
+        # One sequence on a CPU: each one-token step is one call of gpt2lab's kernel, unless compiling.
+        self.fused = fused_decode_step(model, B) if compiled is None else None
         # A compiled step's inputs: the same tensors at every step, updated in place (see CompiledDecodeStep).
         self.step_ids = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.column = torch.zeros(1, dtype=torch.long, device=device)
@@ -255,7 +262,9 @@ class _Decoder:
         self.valid[:, col : col + T] = True
         key_mask = self.valid[:, : col + T] if self.padded else None  # no mask at all for an unpadded batch
         pos = self.next_pos if T == 1 else self.next_pos + torch.arange(T, device=tok.device)  # (B, T)
-        if T == 1 and self.compiled is not None:
+        if T == 1 and self.fused is not None and not self.padded:
+            logits = self.fused(int(fed), int(pos), col)
+        elif T == 1 and self.compiled is not None:
             self.step_ids.copy_(fed)
             self.column.fill_(col)
             logits = self.compiled(self.step_ids, pos, self.column, self.cache_mask)
