@@ -39,7 +39,7 @@ from pathlib import Path
 
 import peers
 import torch
-from machine import compiler_note, fastest_read_seconds, matrices, timed
+from machine import compiler_note, fastest_read_seconds, timed, vectors
 
 from gpt2lab.convert import HF_IGNORED, HF_TABLE, convert
 from gpt2lab.devices import DTYPES
@@ -215,17 +215,17 @@ def main() -> None:
                 seconds, _ = fn(WARM_TOKENS)
                 if key[2] == "compiled":
                     print(f"gpt2lab {key[1]} compiled: first call {seconds:.1f} s (compiling, or loading the compiled)")
-            float_models = {p: m for p, m in ours.items() if p != "int8"}
-            vectors = {p: [torch.randn(w.shape[1], dtype=w.dtype) for w in matrices(m)] for p, m in float_models.items()}
-            reads: dict[str, list[float]] = {p: [] for p in float_models}
+            inputs = {p: vectors(m) for p, m in ours.items()}
+            reads: dict[str, list[float]] = {p: [] for p in ours}
             times: dict[tuple[str, str, str], list[float]] = {key: [] for key in variants}
             tokens: dict[tuple[str, str, str], list[int]] = {}
             ours_passes: dict[tuple[str, str], int] = {}
             for _ in range(args.repeats):
-                for precision, model in float_models.items():
-                    # The fastest of 4 reads: memory idle for a while takes 2-3 passes to read at full speed
-                    # again (see WARM_TOKENS), and the floor is what no decoder can beat.
-                    reads[precision].append(fastest_read_seconds(model, vectors[precision], reads=4))
+                for precision, model in ours.items():
+                    # The fastest of 4 reads, each way of reading warmed as the decoders are (WARM_TOKENS reads:
+                    # memory idle for a while takes 2-3 passes to read at full speed again, and int8's packed
+                    # and plain matrices are two copies): the floor is what no decoder can beat.
+                    reads[precision].append(fastest_read_seconds(model, inputs[precision], reads=4, warm=WARM_TOKENS))
                 for key, fn in variants.items():
                     fn(WARM_TOKENS)  # untimed: see WARM_TOKENS
                     passes.clear()
@@ -280,11 +280,11 @@ def main() -> None:
         for (text, precision), share in agreement.items():
             print(f"| {text} | {precision} | {share:.1%} |")
     if floors:
-        print("\nThe floor: reading every weight once (a matrix-vector product each, by torch.mv, in bf16 gpt2lab's "
-              "matrix-vector kernel, or the products of gpt2lab's fused decoding step alone, all in one call: "
-              "whichever reads fastest; the fastest of 4 reads in each repeat, beside the decodings): no plain "
-              "decoder of batch 1 passes 1 / floor (memory bandwidth). "
-              "Prompt lookup reads the weights once per guess set.\n")  # fmt: skip
+        print("\nThe floor: reading every weight once (a matrix-vector product each, by torch.mv (int8: fbgemm's "
+              "linear_dynamic), in bf16 gpt2lab's matrix-vector kernel, or the products of gpt2lab's fused decoding "
+              "step alone, all in one call: whichever reads fastest; the fastest of 4 reads in each repeat, each "
+              f"way warmed by {WARM_TOKENS} reads first, beside the decodings): no plain decoder of batch 1 passes "
+              "1 / floor (memory bandwidth). Prompt lookup reads the weights once per guess set.\n")  # fmt: skip
         print("| text | precision | floor ms | floor tok/s | gpt2lab plain tok/s | share of the floor "
               "| compiled tok/s | share of the floor |")  # fmt: skip
         print("|---|---|---:|---:|---:|---:|---:|---:|")

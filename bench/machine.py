@@ -18,6 +18,7 @@ import torch
 
 from gpt2lab.kernels import CompileUnavailable, bf16_kernel_for, check_compiler, matvecs_op
 from gpt2lab.model import GPT2, PRESETS
+from gpt2lab.quantize import Int8Linear
 
 READS = 5  # memory idle for a while takes 2-3 passes to read at full speed again: keep the fastest
 T = TypeVar("T")
@@ -31,49 +32,64 @@ def timed(fn: Callable[[], T]) -> tuple[float, T]:
 
 
 def matrices(model: GPT2) -> list[torch.Tensor]:
-    """Every matrix of ``model`` in forward order (12 blocks x 4, then ``lm_head``, tied to ``wte``)."""
-    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    """Every matrix of ``model`` in forward order (12 blocks x 4, then ``lm_head``, tied to ``wte``): the float
+    weights, or the int8 ones of generation's int8 layers (``gpt2lab.quantize``, ``workload="decode"``)."""
+    return [m.weight if isinstance(m, torch.nn.Linear) else m.int8_weight
+            for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]  # fmt: skip
 
 
-Reader = Callable[[list[torch.Tensor], list[torch.Tensor]], object]
+def vectors(model: GPT2) -> list[torch.Tensor]:
+    """A random input vector for each of :func:`matrices`, in the activations' dtype (int8 layers: fp32)."""
+    dtype = model.wte.weight.dtype
+    return [torch.randn(w.shape[1], dtype=dtype) for w in matrices(model)]
 
 
-def one_by_one(mv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Reader:
-    """A reader that calls ``mv(w, x)`` for each matrix in turn."""
-    return lambda ws, xs: [mv(w, x) for w, x in zip(ws, xs)]
+Reader = Callable[[list[torch.Tensor]], object]  # reads every matrix once, given one vector each
 
 
-def readers(matrix: torch.Tensor) -> list[Reader]:
-    """The ways there are to read matrices like ``matrix`` (each ``read(matrices, vectors)``): ``torch.mv``
-    one matrix at a time; in bf16, gpt2lab's matrix-vector kernel one at a time (it reads bf16 faster
-    than ``torch.mv``); and where gpt2lab's fused decoding step runs, its products alone, all in one call
-    (``gpt2lab::matvecs``: what the fused step reads, with no other work between the matrices)."""
-    fns = [one_by_one(torch.mv)]
-    if (op := bf16_kernel_for(matrix)) is not None:
-        fns.append(one_by_one(lambda w, x: op(None, w, x)))
-    if (matvecs := matvecs_op(matrix)) is not None:
-        fns.append(matvecs)
+def readers(model: GPT2) -> list[Reader]:
+    """The ways there are to read ``model``'s matrices once, each ``read(vectors)``: ``torch.mv`` one matrix
+    at a time (int8: fbgemm's ``linear_dynamic``, what its layers run); in bf16, gpt2lab's matrix-vector
+    kernel one at a time (it reads bf16 faster than ``torch.mv``); and where gpt2lab's fused decoding step
+    runs, its products alone, all in one call (``gpt2lab::matvecs``: what the fused step reads, with no
+    other work between the matrices)."""
+    ws = matrices(model)
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    if int8:
+        linear_dynamic = torch.ops.quantized.linear_dynamic
+        fns: list[Reader] = [lambda xs: [linear_dynamic(x[None], m._packed) for m, x in zip(int8, xs)]]
+        scales = [m.scale for m in int8]
+    else:
+        fns, scales = [lambda xs: [torch.mv(w, x) for w, x in zip(ws, xs)]], []
+    if (op := bf16_kernel_for(ws[0])) is not None:
+        fns.append(lambda xs: [op(None, w, x) for w, x in zip(ws, xs)])
+    if (matvecs := matvecs_op(ws[0])) is not None:
+        fns.append(lambda xs: matvecs(ws, xs, scales))
     return fns
 
 
 @torch.inference_mode()
-def weight_read_seconds(model: GPT2, xs: list[torch.Tensor], read: Reader = one_by_one(torch.mv)) -> float:
-    """Time to read every matrix of ``model`` once, in forward order: a matrix-vector product per
-    matrix (``xs``: one vector each) and nothing else. The floor under any plain decoding step
+def weight_read_seconds(read: Reader, xs: list[torch.Tensor]) -> float:
+    """Time to read every matrix of a model once with ``read``, in forward order: a matrix-vector product
+    per matrix (``xs``: one vector each) and nothing else. The floor under any plain decoding step
     of batch 1, whatever library runs it."""
-    ws = matrices(model)
     t0 = time.perf_counter()
-    read(ws, xs)
+    read(xs)
     return time.perf_counter() - t0
 
 
 def fastest_read_seconds(
-    model: GPT2, xs: list[torch.Tensor], reads: int = READS, ways: list[Reader] | None = None
+    model: GPT2, xs: list[torch.Tensor], reads: int = READS, ways: list[Reader] | None = None, warm: int = 0
 ) -> float:
-    """The fastest of ``reads`` :func:`weight_read_seconds` with each of ``ways`` (default: :func:`readers`):
-    what memory gives once it is read at full speed, by the fastest kernel there is for the dtype."""
-    ways = readers(xs[0]) if ways is None else ways
-    return min(weight_read_seconds(model, xs, read) for read in ways for _ in range(reads))
+    """The fastest of ``reads`` :func:`weight_read_seconds` with each of ``ways`` (default: :func:`readers`),
+    each way first reading ``warm`` times untimed: what memory gives once it is read at full speed, by the
+    fastest kernel there is for the model."""
+    times = []
+    for read in readers(model) if ways is None else ways:
+        for _ in range(warm):
+            read(xs)
+        times += [weight_read_seconds(read, xs) for _ in range(reads)]
+    return min(times)
 
 
 class Yardstick:
@@ -82,10 +98,10 @@ class Yardstick:
 
     def __init__(self) -> None:
         self.model = GPT2(PRESETS["gpt2"]).eval()
-        self.xs = [torch.randn(w.shape[1]) for w in matrices(self.model)]
+        self.xs = vectors(self.model)
 
     def read_ms(self) -> float:
-        return fastest_read_seconds(self.model, self.xs, ways=[one_by_one(torch.mv)]) * 1e3
+        return fastest_read_seconds(self.model, self.xs, ways=readers(self.model)[:1]) * 1e3
 
     @staticmethod
     def line(start_ms: float, end_ms: float) -> str:

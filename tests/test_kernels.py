@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import logging
@@ -516,8 +517,9 @@ def test_one_sequence_decodes_with_the_fused_step_and_gives_the_layers_tokens(fu
 
 
 def test_the_fused_step_is_taken_only_where_it_runs_the_model_as_its_layers_do(fused_step_kernel):
-    """None (the layers one by one) for a batch, LoRA layers, int8 layers, an untied lm_head, a forward hook
-    or a width the kernel does not take; compiled decoding keeps its own step."""
+    """None (the layers one by one) for a batch, LoRA layers, the classifier's int8 layers or a mix of int8
+    and float, a matrix of another dtype, a forward hook or a width the kernel does not take; a step for
+    GPT-2's own layers (tied or not) and generation's int8 ones."""
     from gpt2lab.quantize import quantize_int8
 
     def fused(model: GPT2, batch_size: int = 1) -> kernels.FusedDecodeStep | None:
@@ -536,10 +538,19 @@ def test_the_fused_step_is_taken_only_where_it_runs_the_model_as_its_layers_do(f
     if torch.backends.quantized.engine != "none":
         int8 = GPT2(FUSED_CFG).eval()
         quantize_int8(int8, "decode")
-        assert fused(int8) is None
+        assert isinstance(fused(int8), kernels.FusedDecodeStep)  # generation's int8 layers
+        classifier_int8 = GPT2(FUSED_CFG).eval()
+        quantize_int8(classifier_int8, "batch")  # packed for oneDNN only
+        assert fused(classifier_int8) is None
+        mixed = GPT2(FUSED_CFG).eval()
+        quantize_int8(mixed, "decode", skip=lambda name: name == "h.0.mlp.c_fc")
+        assert fused(mixed) is None
     untied = GPT2(FUSED_CFG).eval()
     untied.lm_head.weight = nn.Parameter(untied.wte.weight.detach().clone())
-    assert fused(untied) is None
+    assert isinstance(fused(untied), kernels.FusedDecodeStep)
+    assert fused(untied.to(torch.bfloat16).float()) is not None
+    untied.lm_head.weight = nn.Parameter(untied.wte.weight.detach().to(torch.bfloat16))
+    assert fused(untied) is None  # matrices of another dtype than the activations
     hooked = GPT2(FUSED_CFG).eval()
     hook = hooked.h[1].ln_2.register_forward_pre_hook(lambda *_: None)
     assert fused(hooked) is None
@@ -559,7 +570,12 @@ def test_fused_step_kernel_names_bad_inputs(fused_step_kernel):
         with pytest.raises(RuntimeError, match="token 96, position 0 or column 0 out of range"):
             step(96, 0, 0)
         with pytest.raises(RuntimeError, match="12 tensors a block"):
-            fused_step_kernel(step.params[:-1], step.caches, 3, 0, 0, 1e-5)
+            fused_step_kernel(step.params[:-1], step.scales, step.caches, 3, 0, 0, 1e-5)
+        with pytest.raises(RuntimeError, match="no scales for float matrices expected, got 1 for 9 matrices"):
+            fused_step_kernel(step.params, [torch.ones(96)], step.caches, 3, 0, 0, 1e-5)
+        int8 = [p.to(torch.int8) if p.dim() == 2 and i > 1 else p for i, p in enumerate(step.params)]
+        with pytest.raises(RuntimeError, match="one scale vector per int8 matrix expected, got 0 for 9 matrices"):
+            fused_step_kernel(int8, [], step.caches, 3, 0, 0, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -573,10 +589,63 @@ def test_matvecs_are_the_fused_steps_products_alone(fused_step_kernel, dtype):
     xs = [torch.randn(w.shape[1], generator=g).to(dtype) for w in ws]
     op = kernels.matvecs_op(ws[0])
     with torch.inference_mode():
-        outs = op(ws, xs)
+        outs = op(ws, xs, [])
         for w, x, out in zip(ws, xs, outs):
             assert out.dtype == dtype
             torch.testing.assert_close(out.double(), w.double() @ x.double(), **TOLERANCE[dtype], check_dtype=False)
         with pytest.raises(RuntimeError, match="in a multiple of 32"):
-            op([torch.randn(4, 40).to(dtype)], [torch.randn(40).to(dtype)])
+            op([torch.randn(4, 40).to(dtype)], [torch.randn(40).to(dtype)], [])
+        if dtype == torch.float32:  # int8 matrices, their per-row scales applied, against fp32 vectors
+            qs = [torch.randint(-127, 128, w.shape, generator=g, dtype=torch.int8) for w in ws]
+            scales = [torch.rand(w.shape[0], generator=g) / 100 for w in ws]
+            for q, scale, x, out in zip(qs, scales, xs, kernels.matvecs_op(qs[0])(qs, xs, scales)):
+                expected = (q.double() * scale.double()[:, None]) @ x.double()
+                torch.testing.assert_close(out.double(), expected, **TOLERANCE[dtype])
     assert kernels.matvecs_op(ws[0].to(torch.float16)) is None
+
+
+def _dequantized(model: GPT2) -> GPT2:
+    """A copy of ``model`` whose matrices are their int8 quantization, dequantized (fp32): what int8 weights
+    compute with exact fp32 inputs. ``lm_head`` gets its own copy; the embedding ``wte`` stays exact."""
+    from gpt2lab.quantize import quantize_weight
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in ref.named_modules():
+            if type(module) is nn.Linear:
+                q, scale = quantize_weight(module.weight)
+                module.weight = nn.Parameter(q.float() * scale[:, None])
+    return ref
+
+
+def test_int8_fused_step_computes_with_the_int8_weights_and_fp32_inputs(fused_step_kernel):
+    """On generation's int8 layers the fused step widens each int8 weight to fp32 (the activations stay fp32,
+    unlike the layers' own kernels, which quantize them too): its logits and KV cache equal the fp32 layers'
+    on the dequantized weights, and generation runs it with those layers' tokens."""
+    from gpt2lab.quantize import quantize_int8
+
+    if torch.backends.quantized.engine == "none":
+        pytest.skip("this PyTorch build has no int8 kernels")
+    model = _lively_model(FUSED_CFG, torch.float32, seed=13)
+    int8 = copy.deepcopy(model)
+    quantize_int8(int8, "decode")
+    ref = _dequantized(model)
+    prompt = torch.tensor([[5, 17, 3, 60, 2]])
+    with torch.inference_mode():
+        ref.setup_cache(1, FUSED_CFG.n_ctx)
+        int8.setup_cache(1, FUSED_CFG.n_ctx)
+        ref(prompt, start=0)
+        for mine, theirs in zip(int8.h, ref.h):
+            mine.attn.kv_cache.kv.copy_(theirs.attn.kv_cache.kv)
+        step = kernels.fused_decode_step(int8, batch_size=1)
+        assert step is not None and all(m.dtype == torch.int8 for m in step.params[4:-2:12] + [step.params[-1]])
+        logits = step(41, 5, 5)
+        expected = ref(torch.tensor([[41]]), start=5, last_only=True)
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+        for mine, theirs in zip(int8.h, ref.h):
+            torch.testing.assert_close(mine.attn.kv_cache.kv, theirs.attn.kv_cache.kv, rtol=1e-4, atol=1e-4)
+    ref.clear_cache()
+    int8.clear_cache()
+    out: list[list[int]] = []
+    assert _decode_token_calls(lambda: out.extend(generate(int8, prompt, 12))) == 11
+    assert out == generate(ref, prompt, 12)

@@ -9,8 +9,9 @@ While it decodes on a CPU, the model's plain linear layers run the few-row CPU k
 sequence on a CPU with AVX-512 (fp32, or bf16 with AVX512-BF16) decodes each token after the
 prompt with one call of gpt2lab's fused kernel (:func:`gpt2lab.kernels.fused_decode_step`), which
 runs the whole model's step at the pace its weights stream from memory; the tokens are those of
-the layers called one by one, up to float rounding. A model with other layers (LoRA, int8) or
-with forward hooks decodes layer by layer, so that its layers and hooks run. Tokens
+the layers called one by one, up to float rounding (int8 layers of :mod:`gpt2lab.quantize`: on their
+int8 weights with fp32 activations). A model with other layers (LoRA) or with forward hooks decodes
+layer by layer, so that its layers and hooks run. Tokens
 are drawn on the device of the ``generator`` given (a CPU generator on a GPU model: the same
 tokens as on a CPU, up to float rounding of the probabilities).
 

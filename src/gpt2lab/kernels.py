@@ -50,7 +50,8 @@ choice (``generate(..., compile=True)``), not the default.
 One sequence decodes faster still without compiling: :func:`fused_decode_step` runs a whole step of
 the model as one call of gpt2lab's kernel (:class:`FusedDecodeStep`, ``csrc/decode_token.cpp``),
 and generation takes it by default where it applies (one sequence on a CPU with AVX-512, fp32 or bf16,
-GPT-2's own layers). Its threads start once a step and meet at 5 barriers a block, take the rows of
+GPT-2's own layers, or generation's int8 layers: their int8 weights widened to fp32 against fp32
+activations, 1 byte a weight read). Its threads start once a step and meet at 5 barriers a block, take the rows of
 each product in chunks of 64 from a shared counter (so a thread on a busier core does fewer rows
 instead of keeping the other waiting), and apply bias, GELU and residual adds to their rows at once;
 each computes the layer norms itself. Measured against its own products alone in one call
@@ -241,48 +242,67 @@ def fused_decode_step(model: GPT2, batch_size: int) -> FusedDecodeStep | None:
     """``model``'s cached decoding step for one sequence as one call of gpt2lab's kernel
     (:class:`FusedDecodeStep`), or None where that kernel does not run ``model`` as its layers would
     and decoding goes layer by layer: more than one sequence, another device or dtype than a CPU's
-    fp32 (AVX-512) or bf16 (AVX512-BF16), layers other than GPT-2's own (LoRA, int8), an untied
-    ``lm_head``, forward hooks (which a fused step would not run), or no C++ compiler.
+    fp32 (AVX-512) or bf16 (AVX512-BF16), layers other than GPT-2's own (LoRA) or generation's int8
+    ones (:func:`gpt2lab.quantize.quantize_int8` with ``workload="decode"``, all matrices int8),
+    forward hooks (which a fused step would not run), or no C++ compiler.
 
     Call it after ``model.setup_cache(batch_size, ...)``: the step holds that cache.
     """
     weight = model.wte.weight
-    blocks = [(b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc, b.mlp.c_proj) for b in model.h]
-    layers = [layer for block in blocks for layer in block] + [model.ln_f, model.lm_head]
     if (
         batch_size != 1
-        or not _fused_runs(weight)
+        or not _fused_runs(weight.dtype, weight.device)
         or model.config.n_embd % 32  # the kernel's products take 32 values a load
-        or not all(type(layer) in (nn.LayerNorm, nn.Linear, FewRowLinear) for layer in layers)
-        or model.lm_head.weight is not weight
+        or model.config.head_dim > 128  # its attention keeps a head's sums in registers
         or any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
     ):
         return None
-    params = [weight, model.wpe.weight, *(p for block in blocks for layer in block for p in (layer.weight, layer.bias))]
-    params += [model.ln_f.weight, model.ln_f.bias]
+    params, scales = [weight, model.wpe.weight], []  # in the kernel's order (csrc/decode_token.cpp)
+    layers = [m for b in model.h for m in (b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc, b.mlp.c_proj)]
+    for layer in [*layers, model.ln_f, model.lm_head]:
+        if type(layer) is nn.LayerNorm and layer.eps == model.config.layer_norm_epsilon:
+            params += [layer.weight, layer.bias]
+        elif type(layer) in (nn.Linear, FewRowLinear) and layer.weight.dtype == weight.dtype:
+            params.append(layer.weight)
+        elif getattr(layer, "int8_weight", None) is not None and weight.dtype == torch.float32:
+            # gpt2lab.quantize's Int8Linear (not imported: the training stage imports this module, and
+            # int8 cannot change its outputs): its plain int8 matrix and per-row scales.
+            params.append(layer.int8_weight)
+            scales.append(layer.scale)
+        else:
+            return None
+        if layer is not model.lm_head and not isinstance(layer, nn.LayerNorm):
+            params.append(layer.bias)
     caches = [block.attn.kv_cache.kv if block.attn.kv_cache is not None else None for block in model.h]
     if (
-        any(p is None or p.dtype != weight.dtype or not p.is_contiguous() for p in params)
+        any(p is None or not p.is_contiguous() or p.dtype not in (weight.dtype, torch.int8) for p in params)
+        or len(scales) not in (0, 4 * len(model.h) + 1)  # all matrices int8, or none
         or any(kv is None or kv.dtype != weight.dtype or kv.shape[1] != 1 for kv in caches)
-        or any(norm.eps != model.config.layer_norm_epsilon for norm in layers if isinstance(norm, nn.LayerNorm))
         or (op := decode_token_op()) is None
     ):
         return None
-    return FusedDecodeStep(op, params, caches, model.config.layer_norm_epsilon)
+    return FusedDecodeStep(op, params, scales, caches, model.config.layer_norm_epsilon)
 
 
 def matvecs_op(matrix: torch.Tensor) -> Callable[..., list[torch.Tensor]] | None:
-    """``gpt2lab::matvecs(matrices, vectors) -> [matrix @ vector, ...]`` for matrices like ``matrix``: the
-    products of :class:`FusedDecodeStep` alone, all in one call (a benchmark's floor); None where the
-    fused step cannot run them (see :func:`fused_decode_step`)."""
-    return torch.ops.gpt2lab.matvecs.default if _fused_runs(matrix) and decode_token_op() is not None else None
+    """``gpt2lab::matvecs(matrices, vectors, scales) -> [matrix @ vector (* scale), ...]`` for matrices like
+    ``matrix`` (fp32 or bf16 with ``scales=[]``, or int8 with fp32 vectors and per-row scales): the products of
+    :class:`FusedDecodeStep` alone, all in one call (a benchmark's floor); None where the fused step
+    cannot run them (see :func:`fused_decode_step`)."""
+    if _fused_runs(matrix.dtype, matrix.device) and decode_token_op() is not None:
+        return torch.ops.gpt2lab.matvecs.default
+    return None
 
 
-def _fused_runs(tensor: torch.Tensor) -> bool:
-    """Whether gpt2lab's fused decoding kernel runs on ``tensor``'s device and dtype here: fp32 on a CPU
-    with AVX-512, bf16 on one with AVX512-BF16."""
-    cpu_has = {torch.float32: torch.cpu._is_avx512_supported, torch.bfloat16: torch.cpu._is_avx512_bf16_supported}
-    return tensor.device.type == "cpu" and tensor.dtype in cpu_has and cpu_has[tensor.dtype]()
+def _fused_runs(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether gpt2lab's fused decoding kernel runs on this device and dtype here: fp32 (and int8 matrices
+    with fp32 activations) on a CPU with AVX-512, bf16 on one with AVX512-BF16."""
+    cpu_has = {
+        torch.float32: torch.cpu._is_avx512_supported,
+        torch.int8: torch.cpu._is_avx512_supported,
+        torch.bfloat16: torch.cpu._is_avx512_bf16_supported,
+    }
+    return device.type == "cpu" and dtype in cpu_has and cpu_has[dtype]()
 
 
 class FusedDecodeStep:
@@ -296,12 +316,12 @@ class FusedDecodeStep:
     parameters and caches are taken when it is made: make one per decoding run.
     """
 
-    def __init__(self, op: Callable[..., torch.Tensor], params: list[torch.Tensor], caches: list[torch.Tensor],
-                 eps: float):  # fmt: skip
-        self.op, self.params, self.caches, self.eps = op, params, caches, eps
+    def __init__(self, op: Callable[..., torch.Tensor], params: list[torch.Tensor], scales: list[torch.Tensor],
+                 caches: list[torch.Tensor], eps: float):  # fmt: skip
+        self.op, self.params, self.scales, self.caches, self.eps = op, params, scales, caches, eps
 
     def __call__(self, token: int, position: int, column: int) -> torch.Tensor:
-        return self.op(self.params, self.caches, token, position, column, self.eps).view(1, 1, -1)
+        return self.op(self.params, self.scales, self.caches, token, position, column, self.eps).view(1, 1, -1)
 
 
 class CompileUnavailable(Gpt2labError, RuntimeError):

@@ -31,6 +31,11 @@ GPT-2's MLP and runs ``c_fc`` + GELU as one oneDNN int8 matmul with GELU applied
 ``wte``: 50257 x 768, the largest matrix read per token) gets its own int8 copy when it is
 quantized; the fp32 ``wte`` still serves the embedding lookup.
 
+Generating for one prompt on a CPU with AVX-512 does not call these layers token by token: the
+fused decoding step (:func:`gpt2lab.kernels.fused_decode_step`) reads each decode layer's plain
+``int8_weight`` and ``scale`` itself, widening the weights to fp32 against fp32 activations (the
+input is not quantized), so those layers keep that matrix beside the packed one (1 byte a weight).
+
 Quality (measured by ``bench/generate.py`` and ``bench/classify.py``; see the README): each
 output deviates from fp32 by about ``max|w_row| / 254`` per weight plus the input's rounding,
 a relative error of ~1% per layer. A quantized model is for inference only (no autograd, not
@@ -122,11 +127,12 @@ def quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
 class Int8Linear(nn.Module):
     """An inference-only linear layer with an int8 weight (per-output-channel scales) and an fp32 bias.
 
-    ``forward``: x (..., in) of any float dtype -> fp32 (..., out). The weight lives only in the
-    packed form of one backend (``engine``): ``fbgemm`` runs ``quantized::linear_dynamic`` (the
-    input quantized inside the kernel); ``onednn`` quantizes the input with
-    :func:`quantize_input` and runs ``onednn::qlinear_pointwise``, which applies
-    :attr:`post_op` to each output tile before it is written.
+    ``forward``: x (..., in) of any float dtype -> fp32 (..., out). The weight lives in the packed
+    form of one backend (``engine``): ``fbgemm`` runs ``quantized::linear_dynamic`` (the input
+    quantized inside the kernel); ``onednn`` quantizes the input with :func:`quantize_input` and
+    runs ``onednn::qlinear_pointwise``, which applies :attr:`post_op` to each output tile before it
+    is written. ``scale`` (out,) and ``bias`` (out,) or None are fp32; ``int8_weight`` (out, in) is
+    the plain int8 matrix for gpt2lab's fused decoding step (``fbgemm``, decoding's engine; else None).
     """
 
     post_op: tuple[str, str] = ("none", "")  # oneDNN's post-op name and algorithm (onednn only)
@@ -135,9 +141,12 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.engine = engine
-        q, self._scale = quantize_weight(weight)  # (out, in) int8, (out,) fp32
+        q, self.scale = quantize_weight(weight)  # (out, in) int8, (out,) fp32
+        # Decoding one sequence runs gpt2lab's fused step on the plain int8 weight (gpt2lab.kernels); the
+        # packed copy serves prompts, batches and CPUs without AVX-512.
+        self.int8_weight = q if engine == ENGINES["decode"] else None
         self._zero_points = torch.zeros(self.out_features, dtype=torch.long)
-        self._bias = None if bias is None else bias.detach().float().contiguous()
+        self.bias = None if bias is None else bias.detach().float().contiguous()
         with _engine(engine), warnings.catch_warnings():
             # torch 2.13 marks quantized tensors as deprecated (warning once per process); the pinned
             # torch still runs them, so the warning is spent here rather than in the first forward.
@@ -146,8 +155,8 @@ class Int8Linear(nn.Module):
                 self._packed = torch.ops.onednn.qlinear_prepack(q, None)
                 torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
             else:
-                qweight = torch._make_per_channel_quantized_tensor(q, self._scale.double(), self._zero_points, 0)
-                self._packed = torch.ops.quantized.linear_prepack(qweight, self._bias)
+                qweight = torch._make_per_channel_quantized_tensor(q, self.scale.double(), self._zero_points, 0)
+                self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear | LoRALinear, engine: str) -> Int8Linear:
@@ -161,7 +170,7 @@ class Int8Linear(nn.Module):
             xq, x_scale, x_zero_point = quantize_input(x2)
             name, algorithm = self.post_op
             y = torch.ops.onednn.qlinear_pointwise(
-                xq, x_scale, x_zero_point, self._packed, self._scale, self._zero_points, self._bias,
+                xq, x_scale, x_zero_point, self._packed, self.scale, self._zero_points, self.bias,
                 1.0, 0, torch.float32, name, [], algorithm,
             )  # fmt: skip  (N, out)
         else:

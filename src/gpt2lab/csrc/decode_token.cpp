@@ -1,5 +1,8 @@
-// gpt2lab::decode_token(params, caches, token, position, column, eps): one cached decoding step of
-// GPT-2 for one sequence, the whole model in one call: logits (vocab,) of the token after `token`.
+// gpt2lab::decode_token(params, scales, caches, token, position, column, eps): one cached decoding step
+// of GPT-2 for one sequence, the whole model in one call: logits (vocab,) of the token after `token`.
+// params: wte, wpe, per block ln_1 (weight, bias), c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj (each
+// weight, bias), then ln_f (weight, bias) and lm_head's weight: fp32 or bf16, or fp32 with int8 matrices
+// and one fp32 scale per output channel of each matrix in `scales` (the same order).
 //
 // A batch-1 decoding step reads every weight once, and the weights stream from memory at a pace
 // no kernel can beat; what a step loses to that pace is the time between the matrix-vector
@@ -28,14 +31,14 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr int64_t ROWS = 8;          // weight rows per pass: they share each load of the input vector
 constexpr int64_t CHUNK = 64;        // rows a thread takes of a product at a time (a multiple of ROWS)
-constexpr int64_t PREFETCH = 2048;   // bytes of a weight row requested ahead of their use
-constexpr int64_t PER_BLOCK = 12;    // params per block, in the order of block_params below
+constexpr int64_t PER_BLOCK = 12;    // params per block, in the order the header lists
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t u = static_cast<uint32_t>(v) << 16;
@@ -67,22 +70,41 @@ template <typename T> inline float rounded(float f) { return load(store<T>(f)); 
 
 namespace {
 
+// 16 matrix values widened to fp32: fp32 as they are, int8 exactly (the row's scale comes later).
+inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 widen16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Where a weight load at w asks for memory ahead of its use (a hint: past the end it is a no-op). 2 KB
+// further on for fp32 and bf16. int8 rows (768 bytes) are shorter than that: for them the same
+// columns of the row `rows` further on, which the next call of rows_dot reads (measured on GPT-2
+// 124M's matrices in one call: int8 1.32x faster than 2 KB ahead; fp32 4% slower, bf16 the same).
+template <typename W>
+inline const char* ahead(const W* w, int64_t rows, int64_t in) {
+  if constexpr (std::is_same_v<W, int8_t>) return reinterpret_cast<const char*>(w + rows * in);
+  else return reinterpret_cast<const char*>(w) + 2048;
+}
+
 // out[r] = dot(w[r * in ...], x) for the N rows of `in` values each at w; `in` a multiple of 32.
-template <int64_t N>
-inline void rows_dot(const float* w, const float* x, int64_t in, float* out) {
+// W: fp32, or int8 weights (per-output-channel scales applied by product) against fp32 inputs, so
+// that the only rounding past fp32's is the weights' own quantization.
+template <int64_t N, typename W>
+inline void rows_dot(const W* w, const float* x, int64_t in, float* out) {
   __m512 acc[N];
   for (int64_t r = 0; r < N; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t i = 0; i < in; i += 16) {
     const __m512 xv = _mm512_loadu_ps(x + i);
 #pragma GCC unroll 8
     for (int64_t r = 0; r < N; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + r * in + i) + PREFETCH, _MM_HINT_T0);
-      acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * in + i), xv, acc[r]);
+      _mm_prefetch(ahead(w + r * in + i, N, in), _MM_HINT_T0);
+      acc[r] = _mm512_fmadd_ps(widen16(w + r * in + i), xv, acc[r]);
     }
   }
   for (int64_t r = 0; r < N; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
+// The same for bf16 weights and inputs: pairs multiplied into fp32 sums by one instruction (vdpbf16ps).
 template <int64_t N>
 inline void rows_dot(const uint16_t* w, const uint16_t* x, int64_t in, float* out) {
   __m512 acc[N];
@@ -91,7 +113,7 @@ inline void rows_dot(const uint16_t* w, const uint16_t* x, int64_t in, float* ou
     const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
 #pragma GCC unroll 8
     for (int64_t r = 0; r < N; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + r * in + i) + PREFETCH, _MM_HINT_T0);
+      _mm_prefetch(ahead(w + r * in + i, N, in), _MM_HINT_T0);
       acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w + r * in + i), xv);
     }
   }
@@ -99,17 +121,21 @@ inline void rows_dot(const uint16_t* w, const uint16_t* x, int64_t in, float* ou
 }
 
 // epilogue(begin, end, dots) for each chunk [begin, end) of rows this thread takes of the (rows, in) matrix
-// w, dots[o - begin] = w[o] . x. The threads take chunks in turn from `next` (shared, from 0): a thread
-// that runs slower (its core shared with another process) does fewer rows instead of keeping the others
-// waiting at the next barrier (with halves fixed in advance, one of two threads here waited ~8% of a step).
-template <typename T, typename F>
-inline void product(const T* w, const T* x, int64_t rows, int64_t in, std::atomic<int64_t>& next, F epilogue) {
+// w, dots[o - begin] = w[o] . x (times scale[o] for int8 weights). The threads take chunks in turn from
+// `next` (shared, from 0): a thread that runs slower (its core shared with another process) does fewer
+// rows instead of keeping the others waiting at the next barrier (with halves fixed in advance, one of
+// two threads here waited ~8% of a step).
+template <typename W, typename T, typename F>
+inline void product(const W* w, const T* x, const float* scale, int64_t rows, int64_t in, std::atomic<int64_t>& next,
+                    F epilogue) {
   float dots[CHUNK];
   for (int64_t begin; (begin = next.fetch_add(CHUNK, std::memory_order_relaxed)) < rows;) {
     const int64_t end = std::min(rows, begin + CHUNK);
     int64_t o = begin;
     for (; o + ROWS <= end; o += ROWS) rows_dot<ROWS>(w + o * in, x, in, dots + (o - begin));
     for (; o < end; ++o) rows_dot<1>(w + o * in, x, in, dots + (o - begin));
+    if (scale != nullptr)
+      for (o = begin; o < end; ++o) dots[o - begin] *= scale[o];
     epilogue(begin, end, dots);
   }
 }
@@ -148,21 +174,27 @@ inline void gelu(float* v, int64_t n) {
   }
 }
 
-// out = layer_norm(x) * g + b, rounded to T (the statistics in fp32, over n values).
+// out = layer_norm(x) * g + b, rounded to T (the statistics in fp32, over n values, a multiple of 16).
 template <typename T>
 inline void layer_norm(const float* x, const T* g, const T* b, int64_t n, float eps, T* out) {
-  float mean = 0.0f, var = 0.0f;
-  for (int64_t i = 0; i < n; ++i) mean += x[i];
-  mean /= n;
-  for (int64_t i = 0; i < n; ++i) var += (x[i] - mean) * (x[i] - mean);
-  const float inv = 1.0f / std::sqrt(var / n + eps);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) sum = _mm512_add_ps(sum, _mm512_loadu_ps(x + i));
+  const float mean = _mm512_reduce_add_ps(sum) / n;
+  __m512 squares = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(mean));
+    squares = _mm512_fmadd_ps(d, d, squares);
+  }
+  const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / n + eps);
   for (int64_t i = 0; i < n; ++i) out[i] = store<T>((x[i] - mean) * inv * load(g[i]) + load(b[i]));
 }
 
-template <typename T>
+template <typename T, typename W>
 struct Block {  // one transformer block's parameters, as GPT-2 names them
-  const T *ln_1_w, *ln_1_b, *c_attn_w, *c_attn_b, *attn_proj_w, *attn_proj_b;
-  const T *ln_2_w, *ln_2_b, *c_fc_w, *c_fc_b, *mlp_proj_w, *mlp_proj_b;
+  const T *ln_1_w, *ln_1_b, *ln_2_w, *ln_2_b;
+  const W *c_attn_w, *attn_proj_w, *c_fc_w, *mlp_proj_w;  // matrices (out, in): T, or int8 with scales
+  const T *c_attn_b, *attn_proj_b, *c_fc_b, *mlp_proj_b;
+  const float *c_attn_s, *attn_proj_s, *c_fc_s, *mlp_proj_s;  // per-output-channel scales; nullptr: none
   T* kv;  // (2, 1, n_head, max_len, head_dim)
 };
 
@@ -172,56 +204,69 @@ inline __m512 load16(const uint16_t* p, __mmask16 n) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(n, p)), 16));
 }
 
+constexpr int64_t MAX_HEAD_DIM = 128;  // attention keeps a head's sums in registers (GPT-2's heads: 64)
+
 // Attention of the query in qkv to the keys and values of columns 0..column of head h, after writing
-// this token's key and value at `column`; the output (head_dim,) rounded to T into out. `scratch`:
-// column + 1 floats.
+// this token's key and value at `column`; the output (head_dim,) rounded to T into out. One pass over
+// the cache, 16 columns at a time (their keys, then their values, so that both stream together), with
+// the softmax's running maximum and sum rescaled when a block raises the maximum.
 template <typename T>
 inline void attend(const T* qkv, T* kv, int64_t h, int64_t n_head, int64_t max_len, int64_t dim, int64_t column,
-                   float* scratch, T* out) {
+                   T* out) {
   const int64_t C = n_head * dim, n = column + 1, steps = (dim + 15) / 16;
   T* keys = kv + h * max_len * dim;
   T* values = kv + (n_head + h) * max_len * dim;
   std::memcpy(keys + column * dim, qkv + C + h * dim, dim * sizeof(T));
   std::memcpy(values + column * dim, qkv + 2 * C + h * dim, dim * sizeof(T));
   auto lanes = [dim](int64_t d) { return static_cast<__mmask16>(dim - d >= 16 ? 0xffff : (1u << (dim - d)) - 1); };
-  float* scores = scratch;
   const T* q = qkv + h * dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
-  float top = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    const T* k = keys + j * dim;
-    __builtin_prefetch(k + 8 * dim);  // keys come from memory: request them a few columns ahead
-    __m512 dot = _mm512_setzero_ps();
-    for (int64_t i = 0, d = 0; i < steps; ++i, d += 16)
-      dot = _mm512_fmadd_ps(load16(q + d, lanes(d)), load16(k + d, lanes(d)), dot);
-    scores[j] = _mm512_reduce_add_ps(dot) * scale;
-    top = std::max(top, scores[j]);
+  __m512 acc[MAX_HEAD_DIM / 16];
+  for (int64_t i = 0; i < steps; ++i) acc[i] = _mm512_setzero_ps();
+  float top = -std::numeric_limits<float>::infinity(), sum = 0.0f;
+  alignas(64) float p[16] = {};
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t m = std::min<int64_t>(16, n - j0);
+    float block_top = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < m; ++j) {
+      const T* k = keys + (j0 + j) * dim;
+      __builtin_prefetch(k + 16 * dim);  // the next block's keys
+      __builtin_prefetch(values + (j0 + j) * dim);
+      __m512 dot = _mm512_setzero_ps();
+      for (int64_t i = 0, d = 0; i < steps; ++i, d += 16)
+        dot = _mm512_fmadd_ps(load16(q + d, lanes(d)), load16(k + d, lanes(d)), dot);
+      p[j] = _mm512_reduce_add_ps(dot) * scale;
+      block_top = std::max(block_top, p[j]);
+    }
+    if (block_top > top) {  // a new maximum: what was summed so far shrinks by exp(top - block_top)
+      const float shrink = std::exp(top - block_top);
+      sum *= shrink;
+      for (int64_t i = 0; i < steps; ++i) acc[i] = _mm512_mul_ps(acc[i], _mm512_set1_ps(shrink));
+      top = block_top;
+    }
+    const __mmask16 live = static_cast<__mmask16>(m == 16 ? 0xffff : (1u << m) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_load_ps(p), _mm512_set1_ps(top))));
+    _mm512_store_ps(p, e);
+    sum += _mm512_reduce_add_ps(e);
+    for (int64_t j = 0; j < m; ++j) {
+      const T* v = values + (j0 + j) * dim;
+      for (int64_t i = 0, d = 0; i < steps; ++i, d += 16)
+        acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16(v + d, lanes(d)), acc[i]);
+    }
   }
-  float sum = 0.0f;
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + j), _mm512_set1_ps(top)));
-    _mm512_storeu_ps(scores + j, p);
-    sum += _mm512_reduce_add_ps(p);
-  }
-  for (; j < n; ++j) sum += scores[j] = std::exp(scores[j] - top);
-  for (int64_t d = 0; d < dim; d += 16) {  // 16 dimensions at a time: their sums stay in a register
-    __m512 acc = _mm512_setzero_ps();
-    for (j = 0; j < n; ++j)
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[j]), load16(values + j * dim + d, lanes(d)), acc);
-    const __m512 mean = _mm512_div_ps(acc, _mm512_set1_ps(sum));
+  for (int64_t i = 0, d = 0; i < steps; ++i, d += 16) {
     alignas(64) float part[16];
-    _mm512_store_ps(part, mean);
+    _mm512_store_ps(part, _mm512_div_ps(acc[i], _mm512_set1_ps(sum)));
     for (int64_t l = 0; l < std::min<int64_t>(16, dim - d); ++l) out[d + l] = store<T>(part[l]);
   }
 }
 
-template <typename T>
-void decode(const std::vector<Block<T>>& blocks, const T* wte, const T* wpe, const T* ln_f_w, const T* ln_f_b,
-            int64_t vocab, int64_t C, int64_t n_head, int64_t max_len, int64_t token, int64_t position,
-            int64_t column, float eps, T* logits) {
+template <typename T, typename W>
+void decode(const std::vector<Block<T, W>>& blocks, const T* wte, const T* wpe, const T* ln_f_w, const T* ln_f_b,
+            const W* lm_head, const float* lm_head_s, int64_t vocab, int64_t C, int64_t n_head, int64_t max_len,
+            int64_t token, int64_t position, int64_t column, float eps, T* logits) {
   const int64_t dim = C / n_head, threads = at::get_num_threads();
-  std::vector<float> x(C), scratch(threads * max_len);
+  std::vector<float> x(C);
   std::vector<T> qkv(3 * C), attended(C), activation(4 * C), normed(threads * C);
   std::vector<std::atomic<int64_t>> next(5 * blocks.size() + 1);  // each product's next chunk, each block's next head
   for (int64_t i = 0; i < C; ++i) x[i] = rounded<T>(load(wte[token * C + i]) + load(wpe[position * C + i]));
@@ -235,45 +280,44 @@ void decode(const std::vector<Block<T>>& blocks, const T* wte, const T* wpe, con
   {
     const int64_t t = omp_get_thread_num();
     T* a = normed.data() + t * C;  // this thread's layer-norm output
-    float* scores = scratch.data() + t * max_len;
     std::atomic<int64_t>* chunks = next.data();
-    for (const Block<T>& b : blocks) {
+    for (const Block<T, W>& b : blocks) {
       layer_norm(x.data(), b.ln_1_w, b.ln_1_b, C, eps, a);
-      product(b.c_attn_w, a, 3 * C, C, *chunks++, [&](int64_t begin, int64_t end, const float* dots) {
+      product(b.c_attn_w, a, b.c_attn_s, 3 * C, C, *chunks++, [&](int64_t begin, int64_t end, const float* dots) {
         for (int64_t o = begin; o < end; ++o) qkv[o] = store<T>(dots[o - begin] + load(b.c_attn_b[o]));
       });
 #pragma omp barrier
       std::atomic<int64_t>& heads = *chunks++;  // the heads, too, taken one at a time
       for (int64_t h; (h = heads.fetch_add(1, std::memory_order_relaxed)) < n_head;)
-        attend(qkv.data(), b.kv, h, n_head, max_len, dim, column, scores, attended.data() + h * dim);
+        attend(qkv.data(), b.kv, h, n_head, max_len, dim, column, attended.data() + h * dim);
 #pragma omp barrier
-      product(b.attn_proj_w, attended.data(), C, C, *chunks++, residual(b.attn_proj_b));
+      product(b.attn_proj_w, attended.data(), b.attn_proj_s, C, C, *chunks++, residual(b.attn_proj_b));
 #pragma omp barrier
       layer_norm(x.data(), b.ln_2_w, b.ln_2_b, C, eps, a);
-      product(b.c_fc_w, a, 4 * C, C, *chunks++, [&](int64_t begin, int64_t end, float* dots) {
+      product(b.c_fc_w, a, b.c_fc_s, 4 * C, C, *chunks++, [&](int64_t begin, int64_t end, float* dots) {
         for (int64_t o = begin; o < end; ++o) dots[o - begin] = rounded<T>(dots[o - begin] + load(b.c_fc_b[o]));
         gelu(dots, end - begin);
         for (int64_t o = begin; o < end; ++o) activation[o] = store<T>(dots[o - begin]);
       });
 #pragma omp barrier
-      product(b.mlp_proj_w, activation.data(), C, 4 * C, *chunks++, residual(b.mlp_proj_b));
+      product(b.mlp_proj_w, activation.data(), b.mlp_proj_s, C, 4 * C, *chunks++, residual(b.mlp_proj_b));
 #pragma omp barrier
     }
     layer_norm(x.data(), ln_f_w, ln_f_b, C, eps, a);
-    product(wte, a, vocab, C, *chunks, [&](int64_t begin, int64_t end, const float* dots) {
+    product(lm_head, a, lm_head_s, vocab, C, *chunks, [&](int64_t begin, int64_t end, const float* dots) {
       for (int64_t o = begin; o < end; ++o) logits[o] = store<T>(dots[o - begin]);
     });
   }
 }
 
-// out[i] = matrices[i] @ vectors[i] for every i: the products of decode(), alone.
-template <typename T>
-void products(const std::vector<const T*>& w, const std::vector<const T*>& x, const std::vector<int64_t>& rows,
-              const std::vector<int64_t>& in, const std::vector<T*>& out) {
+// out[i] = matrices[i] @ vectors[i] (times scales[i] for int8) for every i: the products of decode(), alone.
+template <typename T, typename W>
+void products(const std::vector<const W*>& w, const std::vector<const T*>& x, const std::vector<const float*>& scales,
+              const std::vector<int64_t>& rows, const std::vector<int64_t>& in, const std::vector<T*>& out) {
   std::vector<std::atomic<int64_t>> next(w.size());
 #pragma omp parallel num_threads(at::get_num_threads())
   for (size_t i = 0; i < w.size(); ++i)
-    product(w[i], x[i], rows[i], in[i], next[i], [&](int64_t begin, int64_t end, const float* dots) {
+    product(w[i], x[i], scales[i], rows[i], in[i], next[i], [&](int64_t begin, int64_t end, const float* dots) {
       for (int64_t o = begin; o < end; ++o) out[i][o] = store<T>(dots[o - begin]);
     });
 }
@@ -289,37 +333,76 @@ const T* ptr(const at::Tensor& t) {
   return reinterpret_cast<const T*>(t.data_ptr());
 }
 
-template <typename T>
-at::Tensor run(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& caches, int64_t token,
-               int64_t position, int64_t column, double eps) {
+const float* scale_of(at::TensorList scales, size_t i) {
+  return scales.empty() ? nullptr : scales[i].data_ptr<float>();
+}
+
+template <typename T, typename W>
+at::Tensor run(at::TensorList params, at::TensorList scales, at::TensorList caches, int64_t token, int64_t position,
+               int64_t column, double eps) {
   const at::Tensor& wte = params[0];
   const int64_t vocab = wte.size(0), C = wte.size(1), n_head = caches[0].size(2), max_len = caches[0].size(3);
-  std::vector<Block<T>> blocks;
+  std::vector<Block<T, W>> blocks;
   for (size_t i = 0; i < caches.size(); ++i) {
     const at::Tensor* p = params.data() + 2 + i * PER_BLOCK;
-    blocks.push_back({ptr<T>(p[0]), ptr<T>(p[1]), ptr<T>(p[2]), ptr<T>(p[3]), ptr<T>(p[4]), ptr<T>(p[5]),
-                      ptr<T>(p[6]), ptr<T>(p[7]), ptr<T>(p[8]), ptr<T>(p[9]), ptr<T>(p[10]), ptr<T>(p[11]),
-                      reinterpret_cast<T*>(caches[i].data_ptr())});
+    blocks.push_back({ptr<T>(p[0]), ptr<T>(p[1]), ptr<T>(p[6]), ptr<T>(p[7]),
+                      ptr<W>(p[2]), ptr<W>(p[4]), ptr<W>(p[8]), ptr<W>(p[10]),
+                      ptr<T>(p[3]), ptr<T>(p[5]), ptr<T>(p[9]), ptr<T>(p[11]),
+                      scale_of(scales, 4 * i), scale_of(scales, 4 * i + 1), scale_of(scales, 4 * i + 2),
+                      scale_of(scales, 4 * i + 3), reinterpret_cast<T*>(caches[i].data_ptr())});
   }
+  const size_t last = params.size() - 1;
   at::Tensor logits = at::empty({vocab}, wte.options());
-  decode<T>(blocks, ptr<T>(wte), ptr<T>(params[1]), ptr<T>(params[params.size() - 2]), ptr<T>(params.back()), vocab,
-            C, n_head, max_len, token, position, column, static_cast<float>(eps),
-            reinterpret_cast<T*>(logits.data_ptr()));
+  decode<T, W>(blocks, ptr<T>(wte), ptr<T>(params[1]), ptr<T>(params[last - 2]), ptr<T>(params[last - 1]),
+               ptr<W>(params[last]), scale_of(scales, 4 * caches.size()), vocab, C, n_head, max_len, token, position,
+               column, static_cast<float>(eps), reinterpret_cast<T*>(logits.data_ptr()));
   return logits;
 }
 
-at::Tensor decode_token(at::TensorList params, at::TensorList caches, int64_t token, int64_t position, int64_t column,
-                        double eps) {
-  TORCH_CHECK(!caches.empty() && params.size() == 4 + PER_BLOCK * caches.size(),
-              "decode_token: wte, wpe, ", PER_BLOCK, " tensors a block and ln_f's weight and bias expected, got ",
-              params.size(), " tensors for ", caches.size(), " blocks");
+bool is_matrix(size_t i, size_t count) {  // params[i] is one of the matrices (each block's 4, lm_head)
+  if (i + 1 == count) return true;                   // lm_head
+  if (i < 2 || i + 3 >= count) return false;         // wte, wpe, ln_f
+  const size_t in_block = (i - 2) % PER_BLOCK;       // c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+  return in_block == 2 || in_block == 4 || in_block == 8 || in_block == 10;
+}
+
+// Scales: none (float matrices), or one fp32 vector (out,) per matrix of `matrices` (int8).
+void check_scales(const char* op, at::TensorList scales, const std::vector<at::Tensor>& matrices,
+                  at::ScalarType dtype) {
+  const bool int8 = matrices[0].scalar_type() == at::kChar;
+  TORCH_CHECK(int8 ? scales.size() == matrices.size() : scales.empty(), op, ": ",
+              int8 ? "one scale vector per int8 matrix" : "no scales for float matrices", " expected, got ",
+              scales.size(), " for ", matrices.size(), " matrices");
+  TORCH_CHECK(!int8 || dtype == at::kFloat, op, ": int8 matrices run with fp32 activations, got ", dtype);
+  for (size_t i = 0; i < scales.size(); ++i)
+    TORCH_CHECK(scales[i].scalar_type() == at::kFloat && scales[i].is_contiguous() && scales[i].device().is_cpu() &&
+                    scales[i].dim() == 1 && scales[i].size(0) == matrices[i].size(0),
+                op, ": fp32 scales (out,) expected for a matrix of ", matrices[i].sizes(), ", got ", scales[i].sizes());
+}
+
+at::Tensor decode_token(at::TensorList params, at::TensorList scales, at::TensorList caches, int64_t token,
+                        int64_t position, int64_t column, double eps) {
+  TORCH_CHECK(!caches.empty() && params.size() == 5 + PER_BLOCK * caches.size(),
+              "decode_token: wte, wpe, ", PER_BLOCK, " tensors a block, ln_f's weight and bias and lm_head's weight ",
+              "expected, got ", params.size(), " tensors for ", caches.size(), " blocks");
   const auto dtype = params[0].scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "decode_token: fp32 or bf16 expected, got ", dtype);
   const int64_t C = params[0].size(1);
   TORCH_CHECK(C % 32 == 0, "decode_token: a width that is a multiple of 32 expected, got ", C);
-  for (const at::Tensor& p : params)
-    TORCH_CHECK(p.scalar_type() == dtype && p.is_contiguous() && p.device().is_cpu(),
-                "decode_token: contiguous CPU tensors of one dtype expected");
+  TORCH_CHECK(caches[0].dim() == 5 && caches[0].size(4) <= MAX_HEAD_DIM, "decode_token: heads of at most ",
+              MAX_HEAD_DIM, " dimensions expected, got ", caches[0].sizes());
+  std::vector<at::Tensor> matrices;
+  for (size_t i = 0; i < params.size(); ++i)
+    if (is_matrix(i, params.size())) matrices.push_back(params[i]);
+  const auto matrix_dtype = matrices[0].scalar_type();
+  TORCH_CHECK(matrix_dtype == dtype || matrix_dtype == at::kChar, "decode_token: matrices of ", dtype,
+              " or int8 expected, got ", matrix_dtype);
+  for (size_t i = 0; i < params.size(); ++i)
+    TORCH_CHECK(params[i].scalar_type() == (is_matrix(i, params.size()) ? matrix_dtype : dtype) &&
+                    params[i].is_contiguous() && params[i].device().is_cpu(),
+                "decode_token: contiguous CPU tensors expected, ", dtype, " (matrices: all ", dtype,
+                " or all int8); tensor ", i, " is ", params[i].scalar_type());
+  check_scales("decode_token", scales, matrices, dtype);
   for (const at::Tensor& kv : caches)
     TORCH_CHECK(kv.dim() == 5 && kv.size(0) == 2 && kv.size(1) == 1 && kv.size(2) * kv.size(4) == C &&
                     kv.scalar_type() == dtype && kv.is_contiguous() && column < kv.size(3),
@@ -327,49 +410,58 @@ at::Tensor decode_token(at::TensorList params, at::TensorList caches, int64_t to
                 " expected, got ", kv.sizes());
   TORCH_CHECK(0 <= token && token < params[0].size(0) && 0 <= position && position < params[1].size(0) && column >= 0,
               "decode_token: token ", token, ", position ", position, " or column ", column, " out of range");
-  std::vector<at::Tensor> p(params.begin(), params.end()), c(caches.begin(), caches.end());
-  return dtype == at::kFloat ? run<float>(p, c, token, position, column, eps)
-                             : run<uint16_t>(p, c, token, position, column, eps);
+  if (matrix_dtype == at::kChar) return run<float, int8_t>(params, scales, caches, token, position, column, eps);
+  return dtype == at::kFloat ? run<float, float>(params, scales, caches, token, position, column, eps)
+                             : run<uint16_t, uint16_t>(params, scales, caches, token, position, column, eps);
 }
 
-template <typename T>
-std::vector<at::Tensor> run_matvecs(at::TensorList matrices, at::TensorList vectors) {
-  std::vector<const T*> w, x;
+template <typename T, typename W>
+std::vector<at::Tensor> run_matvecs(at::TensorList matrices, at::TensorList vectors, at::TensorList scales) {
+  std::vector<const W*> w;
+  std::vector<const T*> x;
+  std::vector<const float*> s;
   std::vector<int64_t> rows, in;
   std::vector<T*> out_ptrs;
   std::vector<at::Tensor> out;
   for (size_t i = 0; i < matrices.size(); ++i) {
-    out.push_back(at::empty({matrices[i].size(0)}, matrices[i].options()));
-    w.push_back(ptr<T>(matrices[i]));
+    out.push_back(at::empty({matrices[i].size(0)}, vectors[i].options()));
+    w.push_back(ptr<W>(matrices[i]));
     x.push_back(ptr<T>(vectors[i]));
+    s.push_back(scale_of(scales, i));
     rows.push_back(matrices[i].size(0));
     in.push_back(matrices[i].size(1));
     out_ptrs.push_back(reinterpret_cast<T*>(out.back().data_ptr()));
   }
-  products<T>(w, x, rows, in, out_ptrs);
+  products<T, W>(w, x, s, rows, in, out_ptrs);
   return out;
 }
 
 // The weight reads of a decoding step alone, for a floor to measure it against (bench/machine.py).
-std::vector<at::Tensor> matvecs(at::TensorList matrices, at::TensorList vectors) {
+std::vector<at::Tensor> matvecs(at::TensorList matrices, at::TensorList vectors, at::TensorList scales) {
   TORCH_CHECK(!matrices.empty() && matrices.size() == vectors.size(), "matvecs: as many matrices as vectors expected");
-  const auto dtype = matrices[0].scalar_type();
+  const auto dtype = vectors[0].scalar_type(), matrix_dtype = matrices[0].scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "matvecs: fp32 or bf16 expected, got ", dtype);
   for (size_t i = 0; i < matrices.size(); ++i)
     TORCH_CHECK(matrices[i].dim() == 2 && vectors[i].dim() == 1 && matrices[i].size(1) == vectors[i].size(0) &&
-                    matrices[i].size(1) % 32 == 0 && matrices[i].scalar_type() == dtype &&
-                    vectors[i].scalar_type() == dtype && matrices[i].is_contiguous() && vectors[i].is_contiguous() &&
-                    matrices[i].device().is_cpu() && vectors[i].device().is_cpu(),
-                "matvecs: contiguous CPU matrices (out, in) of one dtype with in a multiple of 32, and vectors (in,) "
-                "expected, got ", matrices[i].sizes(), " and ", vectors[i].sizes());
-  return dtype == at::kFloat ? run_matvecs<float>(matrices, vectors) : run_matvecs<uint16_t>(matrices, vectors);
+                    matrices[i].size(1) % 32 == 0 && matrices[i].scalar_type() == matrix_dtype &&
+                    (matrix_dtype == dtype || matrix_dtype == at::kChar) && vectors[i].scalar_type() == dtype &&
+                    matrices[i].is_contiguous() && vectors[i].is_contiguous() && matrices[i].device().is_cpu() &&
+                    vectors[i].device().is_cpu(),
+                "matvecs: contiguous CPU matrices (out, in) of the vectors' dtype or int8, with in a multiple of 32, "
+                "and vectors (in,) expected, got ", matrices[i].sizes(), " and ", vectors[i].sizes());
+  std::vector<at::Tensor> mats(matrices.begin(), matrices.end());
+  check_scales("matvecs", scales, mats, dtype);
+  if (matrix_dtype == at::kChar) return run_matvecs<float, int8_t>(matrices, vectors, scales);
+  return dtype == at::kFloat ? run_matvecs<float, float>(matrices, vectors, scales)
+                             : run_matvecs<uint16_t, uint16_t>(matrices, vectors, scales);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gpt2lab, m) {
-  m.def("decode_token(Tensor[] params, Tensor(a!)[] caches, int token, int position, int column, float eps) -> Tensor");
-  m.def("matvecs(Tensor[] matrices, Tensor[] vectors) -> Tensor[]");
+  m.def("decode_token(Tensor[] params, Tensor[] scales, Tensor(a!)[] caches, int token, int position, int column, "
+        "float eps) -> Tensor");
+  m.def("matvecs(Tensor[] matrices, Tensor[] vectors, Tensor[] scales) -> Tensor[]");
 }
 TORCH_LIBRARY_IMPL(gpt2lab, CPU, m) {
   m.impl("decode_token", decode_token);
