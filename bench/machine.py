@@ -78,18 +78,39 @@ def weight_read_seconds(read: Reader, xs: list[torch.Tensor]) -> float:
     return time.perf_counter() - t0
 
 
-def fastest_read_seconds(
+def fastest_way(
     model: GPT2, xs: list[torch.Tensor], reads: int = READS, ways: list[Reader] | None = None, warm: int = 0
-) -> float:
+) -> tuple[float, Reader]:
     """The fastest of ``reads`` :func:`weight_read_seconds` with each of ``ways`` (default: :func:`readers`),
-    each way first reading ``warm`` times untimed: what memory gives once it is read at full speed, by the
-    fastest kernel there is for the model."""
-    times = []
+    each way first reading ``warm`` times untimed, and the way that read it: what memory gives once it is
+    read at full speed, by the fastest kernel there is for the model."""
+    best: tuple[float, Reader] | None = None
     for read in readers(model) if ways is None else ways:
         for _ in range(warm):
             read(xs)
-        times += [weight_read_seconds(read, xs) for _ in range(reads)]
-    return min(times)
+        seconds = min(weight_read_seconds(read, xs) for _ in range(reads))
+        best = (seconds, read) if best is None or seconds < best[0] else best
+    assert best is not None, "no way to read the model"
+    return best
+
+
+def fastest_read_seconds(
+    model: GPT2, xs: list[torch.Tensor], reads: int = READS, ways: list[Reader] | None = None, warm: int = 0
+) -> float:
+    """:func:`fastest_way`'s seconds."""
+    return fastest_way(model, xs, reads, ways, warm)[0]
+
+
+@torch.inference_mode()
+def sustained_read_seconds(read: Reader, xs: list[torch.Tensor], n: int) -> float:
+    """Seconds a read of every matrix takes, on average, over ``n`` reads in a row with ``read``: the floor
+    under a plain decoding of ``n`` tokens (which must read the weights ``n`` times), where the fastest
+    single read is a burst that memory need not sustain (on a shared machine, sustained reads ran 5-20%
+    slower than the fastest of a few)."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        read(xs)
+    return (time.perf_counter() - t0) / n
 
 
 class Yardstick:
