@@ -57,10 +57,10 @@ instead of keeping the other waiting), and apply bias, GELU and residual adds to
 each computes the layer norms itself. Measured against its own products alone in one call
 (``gpt2lab::matvecs``, the floor ``bench/generate.py`` now reads with), medians of 100 alternating
 steps of 124M: bf16 96-98% of that read at column 0, 94-95% at column 100, 92% at column 200 (the
-rest is attention's read of the cache); 200 steps in a row ran as fast as 200 reads in a row (101-106%,
-three runs). Generating 200 tokens (``bench/generate.py``): fp32 79-94%, bf16 78-104% of the fastest
-single read over five runs on a noisy day, 93% / 90% of 200 reads in a row in the run that measured
-that; compiled decoding 65-93%.
+rest is attention's read of the cache); 200 bf16 steps in a row ran at 101-106% of the pace of 200 reads
+in a row (three runs; int8: 62-98%, its 60 barriers a token exposed to a core the host takes away).
+Generating 200 tokens (``bench/generate.py``, six runs on a noisy day): fp32 72-94% and bf16 76-104% of
+the fastest single read, 79-93% / 81-90% of 200 reads in a row in the two runs that measured that.
 """
 
 from __future__ import annotations

@@ -12,12 +12,13 @@
 // meeting at a barrier only where a result of the other threads is needed (5 a block): the threads
 // take a product's rows in chunks from a shared counter and apply the bias, GELU or residual add to
 // them at once, and every thread computes the layer norms itself (768 values: cheaper than a barrier).
-// gpt2lab::matvecs(matrices, vectors) runs the same products alone, for a floor to measure against.
+// gpt2lab::matvecs(matrices, vectors, scales) runs the same products alone, for a floor to measure against.
 //
 // The same arithmetic as the model's layers run one at a time: every tensor those layers would hand
 // on (layer norm and product outputs, the residual stream, attention's output) is rounded to the
-// weights' dtype where they would round it; sums and softmax are fp32. The products sum in another
-// order than ATen's, and GELU's tanh is computed as 2 sigmoid(2u) - 1 (float rounding).
+// activations' dtype where they would round it; sums and softmax are fp32. The products sum in another
+// order than ATen's, and GELU's tanh is computed as 2 sigmoid(2u) - 1 (float rounding). int8 matrices
+// run against fp32 activations, widened exactly: their only rounding is the weights' quantization.
 // Built at first use by torch.utils.cpp_extension (gpt2lab.kernels).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
