@@ -11,6 +11,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -128,10 +129,7 @@ def bf16_kernel() -> Callable[..., torch.Tensor]:
 
     if not torch.cpu._is_avx512_bf16_supported():
         pytest.skip("this CPU has no AVX512-BF16: bf16 decoding runs torch.addmv")
-    op = bf16_addmv_op()
-    if op is None:
-        _skip_or_fail_in_ci("gpt2lab's bf16 kernel could not be built (a C++ compiler and ninja are needed)")
-    return op
+    return _built("bf16 kernel", bf16_addmv_op)
 
 
 @pytest.fixture(scope="session")
@@ -140,10 +138,7 @@ def attention_kernel() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     skipped except in CI."""
     from gpt2lab.kernels import decode_attention_op
 
-    op = decode_attention_op()
-    if op is None:
-        _skip_or_fail_in_ci("gpt2lab's attention kernel could not be built (a C++ compiler and ninja are needed)")
-    return op
+    return _built("attention kernel", decode_attention_op)
 
 
 @pytest.fixture(scope="session")
@@ -154,9 +149,14 @@ def fused_step_kernel() -> Callable[..., torch.Tensor]:
 
     if not torch.cpu._is_avx512_supported():
         pytest.skip("this CPU has no AVX-512: decoding runs the model's layers one at a time")
-    op = decode_token_op()
+    return _built("decoding kernel", decode_token_op)
+
+
+def _built(name: str, load: Callable[[], Callable[..., Any] | None]) -> Callable[..., Any]:
+    """The op ``load()`` builds and loads; where it cannot (no compiler or ninja), skipped except in CI."""
+    op = load()
     if op is None:
-        _skip_or_fail_in_ci("gpt2lab's decoding kernel could not be built (a C++ compiler and ninja are needed)")
+        _skip_or_fail_in_ci(f"gpt2lab's {name} could not be built (a C++ compiler and ninja are needed)")
     return op
 
 

@@ -225,7 +225,8 @@ class _Decoder:
         if compiled is not None:
             cache_len = -(-cache_len // COMPILED_CACHE_STEP) * COMPILED_CACHE_STEP
         model.setup_cache(B, min(cfg.n_ctx, cache_len))
-        # One sequence on a CPU: each one-token step is one call of gpt2lab's kernel, unless compiling.
+        # One sequence on a CPU: each one-token step is one call of gpt2lab's kernel, unless compiling (one
+        # sequence is never padded, so the kernel attends to every column in use).
         self.fused = fused_decode_step(model, B) if compiled is None else None
         # A compiled step's inputs: the same tensors at every step, updated in place (see CompiledDecodeStep).
         self.step_ids = torch.zeros(B, 1, dtype=torch.long, device=device)
@@ -263,7 +264,7 @@ class _Decoder:
         self.valid[:, col : col + T] = True
         key_mask = self.valid[:, : col + T] if self.padded else None  # no mask at all for an unpadded batch
         pos = self.next_pos if T == 1 else self.next_pos + torch.arange(T, device=tok.device)  # (B, T)
-        if T == 1 and self.fused is not None and not self.padded:
+        if T == 1 and self.fused is not None:
             logits = self.fused(int(fed), int(pos), col)
         elif T == 1 and self.compiled is not None:
             self.step_ids.copy_(fed)

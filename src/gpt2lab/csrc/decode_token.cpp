@@ -41,27 +41,12 @@ constexpr int64_t ROWS = 8;          // weight rows per pass: they share each lo
 constexpr int64_t CHUNK = 64;        // rows a thread takes of a product at a time (a multiple of ROWS)
 constexpr int64_t PER_BLOCK = 12;    // params per block, in the order the header lists
 
-inline float bf16_to_float(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as c10::BFloat16 does
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-// Storage types: float (fp32) and uint16_t (bf16 bits).
+// Storage types: float (fp32) and uint16_t (bf16 bits, converted as c10::BFloat16 does: round to nearest even).
 inline float load(float v) { return v; }
-inline float load(uint16_t v) { return bf16_to_float(v); }
+inline float load(uint16_t v) { return c10::detail::f32_from_bits(v); }
 template <typename T> inline T store(float f);
 template <> inline float store<float>(float f) { return f; }
-template <> inline uint16_t store<uint16_t>(float f) { return float_to_bf16(f); }
+template <> inline uint16_t store<uint16_t>(float f) { return c10::detail::round_to_nearest_even(f); }
 template <typename T> inline float rounded(float f) { return load(store<T>(f)); }
 
 }  // namespace
