@@ -473,8 +473,9 @@ def test_fused_step_equals_the_layers_called_one_by_one(fused_step_kernel, dtype
             ref_cache = [block.attn.kv_cache.kv.clone() for block in model.h]
             for block, kv in zip(model.h, before):
                 block.attn.kv_cache.kv.copy_(kv)
-            logits = step(token, position, column)
+            logits, top = step(token, position, column)
             assert logits.shape == (1, 1, FUSED_CFG.vocab_size) and logits.dtype == dtype
+            assert top == int(logits.max(dim=-1).indices)
             torch.testing.assert_close(logits, ref, **MODEL_TOLERANCE[dtype])
             for block, expected in zip(model.h, ref_cache):
                 torch.testing.assert_close(block.attn.kv_cache.kv, expected, **MODEL_TOLERANCE[dtype])
@@ -560,6 +561,37 @@ def test_the_fused_step_is_taken_only_where_it_runs_the_model_as_its_layers_do(f
     assert fused(plain.to(torch.float16)) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_steps_pick_is_torchs_max_with_ties_and_nans(fused_step_kernel, dtype):
+    """The id the fused step returns with its logits is ``logits.max(-1).indices``: among equal largest
+    logits the lowest id (whichever thread wrote them), a NaN above any number, the first NaN of several."""
+    if dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
+        pytest.skip("this CPU has no AVX512-BF16: bf16 decoding runs the model's layers one at a time")
+    cfg = GPT2Config(vocab_size=200, n_ctx=8, n_embd=64, n_layer=1, n_head=4)  # lm_head: 4 chunks of 64 rows
+    model = _lively_model(cfg, torch.float32, seed=14)
+    model.lm_head.weight = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.n_embd))
+    model = model.to(dtype)
+    head = model.lm_head.weight.data
+    row = torch.randn(cfg.n_embd, generator=torch.Generator().manual_seed(3)).to(dtype)
+    with torch.inference_mode():
+        model.setup_cache(1, cfg.n_ctx)
+        step = kernels.fused_decode_step(model, batch_size=1)
+        assert step is not None
+        cases = {
+            "all equal (zeros)": {},
+            "a tie in two threads' chunks": {150: row, 20: row, 90: -row, 199: -row},
+            "NaNs": {130: torch.full_like(row, float("nan")), 70: torch.full_like(row, float("nan")), 10: 1e4 * row},
+        }
+        for name, rows in cases.items():
+            head.zero_()
+            for i, r in rows.items():
+                head[i] = r
+            logits, top = step(7, 0, 0)
+            assert top == int(logits.max(dim=-1).indices), name
+        assert top == 70  # the first NaN
+    model.clear_cache()
+
+
 def test_fused_step_kernel_names_bad_inputs(fused_step_kernel):
     model = GPT2(FUSED_CFG).eval()
     model.setup_cache(1, 8)
@@ -639,7 +671,8 @@ def test_int8_fused_step_computes_with_the_int8_weights_and_fp32_inputs(fused_st
             mine.attn.kv_cache.kv.copy_(theirs.attn.kv_cache.kv)
         step = kernels.fused_decode_step(int8, batch_size=1)
         assert step is not None and all(m.dtype == torch.int8 for m in step.params[4:-2:12] + [step.params[-1]])
-        logits = step(41, 5, 5)
+        logits, top = step(41, 5, 5)
+        assert top == int(logits.max(dim=-1).indices)
         expected = ref(torch.tensor([[41]]), start=5, last_only=True)
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
         for mine, theirs in zip(int8.h, ref.h):

@@ -228,6 +228,11 @@ class _Decoder:
         # One sequence on a CPU: each one-token step is one call of gpt2lab's kernel, unless compiling (one
         # sequence is never padded, so the kernel attends to every column in use).
         self.fused = fused_decode_step(model, B) if compiled is None else None
+        self.top: int | None = None  # the fused step's largest logit's id, for the logits step() last returned
+        # Its bookkeeping writes through NumPy views of these CPU tensors: ~0.2 us a write, where indexing a
+        # tensor costs 15-20 us just after a step (the step's weights have pushed Python's data out of the
+        # CPU caches): ~1% of a bf16 step of GPT-2 124M each.
+        self.host = (self.tokens.numpy(), self.valid.numpy(), self.next_pos.numpy()) if self.fused is not None else None
         # A compiled step's inputs: the same tensors at every step, updated in place (see CompiledDecodeStep).
         self.step_ids = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.column = torch.zeros(1, dtype=torch.long, device=device)
@@ -245,28 +250,34 @@ class _Decoder:
         pos = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T) each row counts from its first real token
         key_mask = valid if self.padded else None
         logits = self.model(self.tokens[:, :T], pos=pos, start=0, key_mask=key_mask, last_only=True)
-        self.length = T
+        self.length, self.top = T, None
         self.next_pos.copy_(pos[:, -1:] + 1)
         return logits
 
-    def step(self, tok: torch.Tensor, draft: Sequence[int] = ()) -> torch.Tensor:
-        """Feed ``tok`` (B,) and then ``draft`` (batch 1 only, at most :attr:`room` tokens).
+    def step(self, ids: list[int], draft: Sequence[int] = ()) -> torch.Tensor:
+        """Feed ``ids`` (a token a row) and then ``draft`` (batch 1 only, at most :attr:`room` tokens).
 
         Returns logits (B, 1 + len(draft), vocab_size): position j predicts the token after
         the j-th fed one. Cuts the context when it is full (then without a draft).
         """
         n_ctx = self.model.config.n_ctx
         if self.length == n_ctx:
-            return self._cut_and_prefill(tok)
+            return self._cut_and_prefill(ids)
         col, T = self.length, 1 + len(draft)
-        fed = tok[:, None] if not draft else torch.tensor([[int(tok), *draft]], device=tok.device)  # (B, T)
+        self.top = None
+        if T == 1 and self.host is not None:  # the fused step
+            tokens, valid, next_pos = self.host
+            tokens[0, col], valid[0, col] = ids[0], True
+            logits, self.top = self.fused(ids[0], int(next_pos[0, 0]), col)
+            self.length, next_pos[0, 0] = col + 1, next_pos[0, 0] + 1
+            return logits
+        device = self.tokens.device
+        fed = torch.tensor([[*ids, *draft]] if draft else [[i] for i in ids], device=device)  # (B, T)
         self.tokens[:, col : col + T] = fed
         self.valid[:, col : col + T] = True
         key_mask = self.valid[:, : col + T] if self.padded else None  # no mask at all for an unpadded batch
-        pos = self.next_pos if T == 1 else self.next_pos + torch.arange(T, device=tok.device)  # (B, T)
-        if T == 1 and self.fused is not None:
-            logits = self.fused(int(fed), int(pos), col)
-        elif T == 1 and self.compiled is not None:
+        pos = self.next_pos if T == 1 else self.next_pos + torch.arange(T, device=device)  # (B, T)
+        if T == 1 and self.compiled is not None:
             self.step_ids.copy_(fed)
             self.column.fill_(col)
             logits = self.compiled(self.step_ids, pos, self.column, self.cache_mask)
@@ -283,12 +294,12 @@ class _Decoder:
             self.next_pos -= n
             self.valid[:, self.length : self.length + n] = False
 
-    def _cut_and_prefill(self, tok: torch.Tensor) -> torch.Tensor:
+    def _cut_and_prefill(self, ids: list[int]) -> torch.Tensor:
         keep = self.window - 1  # + the new token = window
         n_ctx = self.model.config.n_ctx
         self.tokens[:, :keep] = self.tokens[:, n_ctx - keep : n_ctx].clone()
         self.valid[:, :keep] = self.valid[:, n_ctx - keep : n_ctx].clone()
-        self.tokens[:, keep] = tok
+        self.tokens[:, keep] = torch.tensor(ids, device=self.tokens.device)
         self.valid[:, keep] = True
         self.valid[:, keep + 1 :] = False  # the columns after the new context are free again
         self.width = self.window
@@ -377,10 +388,11 @@ def _stream(
     with _decoding(model):
         dec = _Decoder(model, rows, max_new_tokens, compiled)
         history = list(rows[0]) if prompt_lookup else []  # the text prompt lookup searches
-        finished = torch.zeros(len(rows), dtype=torch.bool, device=dec.tokens.device)
+        finished = [False] * len(rows)
         logits, draft = dec.prefill(), []  # logits (B, 1 + len(draft), V)
         n_new, warned = 0, False
         guesses = prompt_lookup  # draft size: +2 after a draft that fully held, -1 after a miss (as transformers)
+        greedy = sampling[0] == 0 or sampling[1] == 1  # sample()'s argmax, which the fused step finds as it goes
         while True:
             if dec.cut and not warned:
                 log.warning(
@@ -390,16 +402,19 @@ def _stream(
                 warned = True
             # Sample position by position; a guess survives only while it equals the sampled token.
             for j in range(logits.shape[1]):
-                tok = sample(logits[:, j], *sampling, generator=generator)  # (B,)
+                if greedy and dec.top is not None:  # one token's logits, from the fused step
+                    ids = [dec.top]
+                else:
+                    ids = sample(logits[:, j], *sampling, generator=generator).tolist()  # (B,)
                 if eos_id is not None:
-                    finished |= tok == eos_id
-                yield [None if done else t for t, done in zip(tok.tolist(), finished.tolist())]
+                    finished = [done or t == eos_id for t, done in zip(ids, finished)]
+                yield [None if done else t for t, done in zip(ids, finished)]
                 n_new += 1
-                if n_new == max_new_tokens or bool(finished.all()):
+                if n_new == max_new_tokens or all(finished):
                     return
                 if prompt_lookup:
-                    history.append(int(tok))
-                if j == len(draft) or int(tok) != draft[j]:
+                    history.append(ids[0])
+                if j == len(draft) or ids[0] != draft[j]:
                     break
             dec.rewind(len(draft) - j)  # the guesses after the j accepted ones
             if draft:
@@ -407,7 +422,7 @@ def _stream(
             if prompt_lookup:
                 budget = min(guesses, max_new_tokens - n_new - 1, dec.room)  # never past the cache or the end
                 draft = lookup_draft(history[-model.config.n_ctx :], budget)
-            logits = dec.step(tok, draft)
+            logits = dec.step(ids, draft)
 
 
 def generate(

@@ -193,9 +193,9 @@ def decode_attention_op() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | 
         return _load_decode_attention()
 
 
-def decode_token_op() -> Callable[..., torch.Tensor] | None:
-    """``gpt2lab::decode_token(params, caches, token, position, column, eps) -> logits (vocab,)``: one
-    cached decoding step of a whole GPT-2 for one sequence (``csrc/decode_token.cpp``; see
+def decode_token_op() -> Callable[..., tuple[torch.Tensor, int]] | None:
+    """``gpt2lab::decode_token(params, scales, caches, token, position, column, eps) -> (logits (vocab,),
+    id of the largest logit)``: one cached decoding step of a whole GPT-2 for one sequence (``csrc/decode_token.cpp``; see
     :class:`FusedDecodeStep`). Built like :func:`bf16_addmv_op`; None where it cannot be (logged once).
     """
     with _BUILD_LOCK:
@@ -215,7 +215,7 @@ def _load_decode_attention() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @functools.cache
-def _load_decode_token() -> Callable[..., torch.Tensor] | None:
+def _load_decode_token() -> Callable[..., tuple[torch.Tensor, int]] | None:
     return _build("decode_token", "decode_token", "decoding runs the model's layers one at a time")
 
 
@@ -309,8 +309,9 @@ def _fused_runs(dtype: torch.dtype, device: torch.device) -> bool:
 
 class FusedDecodeStep:
     """``step(token, position, column)``: logits (1, 1, vocab_size) of the token after ``token`` (an id)
-    at position id ``position``, its key and value written to KV cache column ``column``; the same as
-    ``model(torch.tensor([[token]]), pos=..., start=column, last_only=True)`` up to float rounding.
+    at position id ``position``, its key and value written to KV cache column ``column``, and the id of
+    the largest logit (``logits.max(-1).indices``: the lowest id among equal ones, a NaN above any number);
+    the logits are ``model(torch.tensor([[token]]), pos=..., start=column, last_only=True)`` up to float rounding.
 
     One call of ``gpt2lab::decode_token`` (``csrc/decode_token.cpp``) runs the whole step: the CPU
     threads start once and go through the blocks together, meeting where one needs another's
@@ -318,12 +319,13 @@ class FusedDecodeStep:
     parameters and caches are taken when it is made: make one per decoding run.
     """
 
-    def __init__(self, op: Callable[..., torch.Tensor], params: list[torch.Tensor], scales: list[torch.Tensor],
-                 caches: list[torch.Tensor], eps: float):  # fmt: skip
+    def __init__(self, op: Callable[..., tuple[torch.Tensor, int]], params: list[torch.Tensor],
+                 scales: list[torch.Tensor], caches: list[torch.Tensor], eps: float):  # fmt: skip
         self.op, self.params, self.scales, self.caches, self.eps = op, params, scales, caches, eps
 
-    def __call__(self, token: int, position: int, column: int) -> torch.Tensor:
-        return self.op(self.params, self.scales, self.caches, token, position, column, self.eps).view(1, 1, -1)
+    def __call__(self, token: int, position: int, column: int) -> tuple[torch.Tensor, int]:
+        logits, top = self.op(self.params, self.scales, self.caches, token, position, column, self.eps)
+        return logits.view(1, 1, -1), top
 
 
 class CompileUnavailable(Gpt2labError, RuntimeError):
