@@ -217,21 +217,26 @@ def main() -> None:
                     print(f"gpt2lab {key[1]} compiled: first call {seconds:.1f} s (compiling, or loading the compiled)")
             inputs = {p: vectors(m) for p, m in ours.items()}
             reads: dict[str, list[float]] = {p: [] for p in ours}
-            streams: dict[str, list[float]] = {p: [] for p in ours}
             times: dict[tuple[str, str, str], list[float]] = {key: [] for key in variants}
+            # gpt2lab's plain and compiled runs: the sustained floor read just before each (see below)
+            under: dict[tuple[str, str, str], list[float]] = {}
             tokens: dict[tuple[str, str, str], list[int]] = {}
             ours_passes: dict[tuple[str, str], int] = {}
             for _ in range(args.repeats):
+                ways = {}
                 for precision, model in ours.items():
                     # The fastest of 4 reads, each way of reading warmed as the decoders are (WARM_TOKENS reads:
                     # memory idle for a while takes 2-3 passes to read at full speed again, and int8's packed
                     # and plain matrices are two copies): the floor is what no decoder can beat.
-                    seconds, way = fastest_way(model, inputs[precision], reads=4, warm=WARM_TOKENS)
+                    seconds, ways[precision] = fastest_way(model, inputs[precision], reads=4, warm=WARM_TOKENS)
                     reads[precision].append(seconds)
-                    # And that way n times in a row: the floor under decoding n tokens, read as the decoders run.
-                    streams[precision].append(sustained_read_seconds(way, inputs[precision], n))
                 for key, fn in variants.items():
                     fn(WARM_TOKENS)  # untimed: see WARM_TOKENS
+                    if key[0] == "gpt2lab" and key[2] in ("plain", "compiled"):
+                        # That way n times in a row, just before the run: the floor under decoding n tokens,
+                        # read as the decoders run and seconds before this run (a shared machine's pace moves
+                        # by a third within the minutes a repeat takes).
+                        under.setdefault(key, []).append(sustained_read_seconds(ways[key[1]], inputs[key[1]], n))
                     passes.clear()
                     seconds, tokens[key] = fn(n)
                     times[key].append(seconds)
@@ -240,7 +245,11 @@ def main() -> None:
             for worker in workers.values():
                 worker.close()
         for precision, seconds in reads.items():
-            floors[text, precision] = statistics.median(seconds), statistics.median(streams[precision])
+            # each of gpt2lab's decodings: (median sustained floor, median share of the floor under each run)
+            sustained = {key[2]: (statistics.median(under[key]),
+                                  statistics.median(u * n / t for u, t in zip(under[key], times[key])))
+                         for key in under if key[1] == precision}  # fmt: skip
+            floors[text, precision] = statistics.median(seconds), sustained
         tps = {key: n / statistics.median(t) for key, t in times.items()}
         reference = tokens.get(("gpt2lab", "fp32", "plain"))
         for precision in args.precisions:
@@ -288,19 +297,24 @@ def main() -> None:
               "linear_dynamic), in bf16 gpt2lab's matrix-vector kernel, or the products of gpt2lab's fused decoding "
               "step alone, all in one call: whichever reads fastest; the fastest of 4 reads in each repeat, each "
               f"way warmed by {WARM_TOKENS} reads first, beside the decodings): no plain decoder of batch 1 passes "
-              f"1 / floor (memory bandwidth). Sustained: the fastest way read {n} times in a row (a read's mean), "
-              f"the floor under decoding {n} tokens as the decoders run; the fastest single read is a burst that "
-              "a shared machine's memory need not sustain. Prompt lookup reads the weights once per guess "
-              "set.\n")  # fmt: skip
-        print("| text | precision | floor ms | sustained ms | gpt2lab plain tok/s | share of the floor | of sustained "
-              "| compiled tok/s | share of the floor | of sustained |")  # fmt: skip
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+              f"1 / floor (memory bandwidth). Sustained: the fastest way read {n} times in a row (a read's mean) "
+              f"just before each of gpt2lab's timed runs, the floor under decoding {n} tokens as the decoders run "
+              "(the fastest single read is a burst that a shared machine's memory need not sustain); of sustained: "
+              "the median over the runs of each run's share of the floor read before it. Prompt lookup reads the "
+              "weights once per guess set.\n")  # fmt: skip
+        print("| text | precision | floor ms | gpt2lab plain tok/s | share of the floor | sustained ms | of sustained "
+              "| compiled tok/s | share of the floor | sustained ms | of sustained |")  # fmt: skip
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         rates = {(r[0], r[1], r[2]): r[3] for r in rows}
         for (text, precision), (seconds, sustained) in floors.items():
-            line = f"| {text} | {precision} | {seconds * 1e3:.1f} | {sustained * 1e3:.1f} "
+            line = f"| {text} | {precision} | {seconds * 1e3:.1f} "
             for decoding in ("plain", "compiled"):
                 rate = rates.get((text, precision, decoding))
-                line += f"| {rate:.1f} | {rate * seconds:.0%} | {rate * sustained:.0%} " if rate else "| - | - | - "
+                if rate is None:
+                    line += "| - | - | - | - "
+                    continue
+                under_ms, share = sustained[decoding]
+                line += f"| {rate:.1f} | {rate * seconds:.0%} | {under_ms * 1e3:.1f} | {share:.0%} "
             print(line + "|")
 
 
