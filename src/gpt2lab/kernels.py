@@ -195,8 +195,9 @@ def decode_attention_op() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | 
 
 def decode_token_op() -> Callable[..., tuple[torch.Tensor, int]] | None:
     """``gpt2lab::decode_token(params, scales, caches, token, position, column, eps) -> (logits (vocab,),
-    id of the largest logit)``: one cached decoding step of a whole GPT-2 for one sequence (``csrc/decode_token.cpp``; see
-    :class:`FusedDecodeStep`). Built like :func:`bf16_addmv_op`; None where it cannot be (logged once).
+    id of the largest logit)``: one cached decoding step of a whole GPT-2 for one sequence
+    (``csrc/decode_token.cpp``; see :class:`FusedDecodeStep`). Built like :func:`bf16_addmv_op`; None
+    where it cannot be (logged once).
     """
     with _BUILD_LOCK:
         return _load_decode_token()
