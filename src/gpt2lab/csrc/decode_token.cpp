@@ -260,11 +260,6 @@ auto decode(const std::vector<Block<T, W>>& blocks, const T* wte, const T* wpe, 
   std::vector<T> qkv(3 * C), attended(C), activation(4 * C), normed(threads * C);
   std::vector<std::atomic<int64_t>> next(5 * blocks.size() + 1);  // each product's next chunk, each block's next head
   std::vector<int64_t> best(threads, -1);  // each thread's largest logit
-  auto above = [logits](int64_t i, int64_t j) {  // logit i is picked over logit j (j < 0: none yet)
-    if (j < 0) return true;
-    const float a = load(logits[i]), b = load(logits[j]);
-    return std::isnan(a) ? !std::isnan(b) || i < j : a > b || (a == b && i < j);
-  };
   for (int64_t i = 0; i < C; ++i) x[i] = rounded<T>(load(wte[token * C + i]) + load(wpe[position * C + i]));
   // The residual stream x + the product's output (with its bias), each rounded as the layers round them.
   auto residual = [&](const T* bias) {
@@ -300,18 +295,23 @@ auto decode(const std::vector<Block<T, W>>& blocks, const T* wte, const T* wpe, 
 #pragma omp barrier
     }
     layer_norm(x.data(), ln_f_w, ln_f_b, C, eps, a);
-    int64_t mine = -1;
+    int64_t mine = -1;  // this thread's largest logit (a thread's chunks come in rising ids: ties keep the first)
+    float mine_value = 0.0f;
     product(lm_head, a, lm_head_s, vocab, C, *chunks, [&](int64_t begin, int64_t end, const float* dots) {
       for (int64_t o = begin; o < end; ++o) {
         logits[o] = store<T>(dots[o - begin]);
-        if (above(o, mine)) mine = o;
+        const float v = load(logits[o]);
+        if (mine < 0 || v > mine_value || (std::isnan(v) && !std::isnan(mine_value))) mine = o, mine_value = v;
       }
     });
     best[t] = mine;
   }
-  int64_t top = -1;
-  for (const int64_t i : best)
-    if (i >= 0 && above(i, top)) top = i;
+  int64_t top = -1;  // the threads' picks merged: the larger logit, the lower id of equal ones, a NaN first
+  for (const int64_t i : best) {
+    if (i < 0) continue;
+    const float v = load(logits[i]), w = top < 0 ? 0.0f : load(logits[top]);
+    if (top < 0 || (std::isnan(v) ? !std::isnan(w) || i < top : v > w || (v == w && i < top))) top = i;
+  }
   return top;
 }
 
