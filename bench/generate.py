@@ -216,27 +216,23 @@ def main() -> None:
                 if key[2] == "compiled":
                     print(f"gpt2lab {key[1]} compiled: first call {seconds:.1f} s (compiling, or loading the compiled)")
             inputs = {p: vectors(m) for p, m in ours.items()}
-            reads: dict[str, list[float]] = {p: [] for p in ours}
             times: dict[tuple[str, str, str], list[float]] = {key: [] for key in variants}
-            # gpt2lab's plain and compiled runs: the sustained floor read just before each (see below)
-            under: dict[tuple[str, str, str], list[float]] = {}
+            # gpt2lab's plain and compiled runs: (floor, sustained floor) read just before each (see below)
+            before: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
             tokens: dict[tuple[str, str, str], list[int]] = {}
             ours_passes: dict[tuple[str, str], int] = {}
             for _ in range(args.repeats):
-                ways = {}
-                for precision, model in ours.items():
-                    # The fastest of 4 reads, each way of reading warmed as the decoders are (WARM_TOKENS reads:
-                    # memory idle for a while takes 2-3 passes to read at full speed again, and int8's packed
-                    # and plain matrices are two copies): the floor is what no decoder can beat.
-                    seconds, ways[precision] = fastest_way(model, inputs[precision], reads=4, warm=WARM_TOKENS)
-                    reads[precision].append(seconds)
                 for key, fn in variants.items():
                     fn(WARM_TOKENS)  # untimed: see WARM_TOKENS
                     if key[0] == "gpt2lab" and key[2] in ("plain", "compiled"):
-                        # That way n times in a row, just before the run: the floor under decoding n tokens,
-                        # read as the decoders run and seconds before this run (a shared machine's pace moves
-                        # by a third within the minutes a repeat takes).
-                        under.setdefault(key, []).append(sustained_read_seconds(ways[key[1]], inputs[key[1]], n))
+                        # Read just before the run (a shared machine's pace moves by a third within the minutes
+                        # a repeat takes). The floor: the fastest of 4 reads, each way of reading warmed as the
+                        # decoders are (WARM_TOKENS reads: memory idle for a while takes 2-3 passes to read at
+                        # full speed again, and int8's packed and plain matrices are two copies), what no decoder
+                        # can beat. Sustained: that way n times in a row, the floor under decoding n tokens.
+                        model, xs = ours[key[1]], inputs[key[1]]
+                        seconds, way = fastest_way(model, xs, reads=4, warm=WARM_TOKENS)
+                        before.setdefault(key, []).append((seconds, sustained_read_seconds(way, xs, n)))
                     passes.clear()
                     seconds, tokens[key] = fn(n)
                     times[key].append(seconds)
@@ -244,12 +240,11 @@ def main() -> None:
                         ours_passes[key[1:]] = len(passes) if "prompt_lookup" in decodings[key[2]] else n
             for worker in workers.values():
                 worker.close()
-        for precision, seconds in reads.items():
-            # each of gpt2lab's decodings: (median sustained floor, median share of the floor under each run)
-            sustained = {key[2]: (statistics.median(under[key]),
-                                  statistics.median(u * n / t for u, t in zip(under[key], times[key])))
-                         for key in under if key[1] == precision}  # fmt: skip
-            floors[text, precision] = statistics.median(seconds), sustained
+        for key, reads in before.items():
+            # medians of the floors read before the runs and of each run's share of them
+            floors[(text, *key[1:])] = [(statistics.median(r[i] for r in reads),
+                                         statistics.median(r[i] * n / t for r, t in zip(reads, times[key])))
+                                        for i in (0, 1)]  # fmt: skip
         tps = {key: n / statistics.median(t) for key, t in times.items()}
         reference = tokens.get(("gpt2lab", "fp32", "plain"))
         for precision in args.precisions:
@@ -295,27 +290,20 @@ def main() -> None:
     if floors:
         print("\nThe floor: reading every weight once (a matrix-vector product each, by torch.mv (int8: fbgemm's "
               "linear_dynamic), in bf16 gpt2lab's matrix-vector kernel, or the products of gpt2lab's fused decoding "
-              "step alone, all in one call: whichever reads fastest; the fastest of 4 reads in each repeat, each "
-              f"way warmed by {WARM_TOKENS} reads first, beside the decodings): no plain decoder of batch 1 passes "
-              f"1 / floor (memory bandwidth). Sustained: the fastest way read {n} times in a row (a read's mean) "
-              f"just before each of gpt2lab's timed runs, the floor under decoding {n} tokens as the decoders run "
-              "(the fastest single read is a burst that a shared machine's memory need not sustain); of sustained: "
-              "the median over the runs of each run's share of the floor read before it. Prompt lookup reads the "
-              "weights once per guess set.\n")  # fmt: skip
-        print("| text | precision | floor ms | gpt2lab plain tok/s | share of the floor | sustained ms | of sustained "
-              "| compiled tok/s | share of the floor | sustained ms | of sustained |")  # fmt: skip
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "step alone, all in one call: whichever reads fastest; the fastest of 4 reads, each way warmed by "
+              f"{WARM_TOKENS} reads first, just before each of gpt2lab's timed runs): no plain decoder of batch 1 "
+              f"passes 1 / floor (memory bandwidth). Sustained: the fastest way then read {n} times in a row (a "
+              f"read's mean), the floor under decoding {n} tokens as the decoders run (the fastest single read is a "
+              "burst that a shared machine's memory need not sustain). Medians over the runs, of the floors and of "
+              "each run's share of the floors read before it. Prompt lookup reads the weights once per guess "
+              "set.\n")  # fmt: skip
+        print("| text | precision | decoding | gpt2lab tok/s | floor ms | share of the floor | sustained ms "
+              "| share of sustained |")  # fmt: skip
+        print("|---|---|---|---:|---:|---:|---:|---:|")
         rates = {(r[0], r[1], r[2]): r[3] for r in rows}
-        for (text, precision), (seconds, sustained) in floors.items():
-            line = f"| {text} | {precision} | {seconds * 1e3:.1f} "
-            for decoding in ("plain", "compiled"):
-                rate = rates.get((text, precision, decoding))
-                if rate is None:
-                    line += "| - | - | - | - "
-                    continue
-                under_ms, share = sustained[decoding]
-                line += f"| {rate:.1f} | {rate * seconds:.0%} | {under_ms * 1e3:.1f} | {share:.0%} "
-            print(line + "|")
+        for (text, precision, decoding), ((floor, share), (sustained, of_sustained)) in floors.items():
+            print(f"| {text} | {precision} | {decoding} | {rates[text, precision, decoding]:.1f} | {floor * 1e3:.1f} "
+                  f"| {share:.0%} | {sustained * 1e3:.1f} | {of_sustained:.0%} |")
 
 
 if __name__ == "__main__":
