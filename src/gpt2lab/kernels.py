@@ -59,8 +59,8 @@ each computes the layer norms itself. Measured against its own products alone in
 steps of 124M: bf16 96-98% of that read at column 0, 94-95% at column 100, 92% at column 200 (the
 rest is attention's read of the cache); 200 bf16 steps in a row ran at 101-106% of the pace of 200 reads
 in a row (three runs; int8: 62-98%, its 60 barriers a token exposed to a core the host takes away).
-Generating 200 tokens (``bench/generate.py``, six runs on a noisy day): fp32 72-94% and bf16 76-104% of
-the fastest single read, 79-93% / 81-90% of 200 reads in a row in the two runs that measured that.
+Generating 200 tokens (``bench/generate.py``, 13 runs over two noisy days): fp32 72-110% and bf16 76-104%
+of the fastest single read, 79-97% / 81-97% of 200 reads in a row read just before (see the README).
 """
 
 from __future__ import annotations
