@@ -36,6 +36,8 @@ import statistics
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import peers
 import torch
@@ -44,7 +46,7 @@ from machine import compiler_note, fastest_way, sustained_read_seconds, timed, v
 from gpt2lab.convert import HF_IGNORED, HF_TABLE, convert
 from gpt2lab.devices import DTYPES
 from gpt2lab.generate import generate
-from gpt2lab.kernels import few_row_kernels
+from gpt2lab.kernels import FusedDecodeStep, few_row_kernels
 from gpt2lab.model import GPT2, PRESETS
 from gpt2lab.quantize import quantize_int8
 
@@ -174,17 +176,23 @@ def main() -> None:
             else:
                 ours[precision] = copy.deepcopy(fp32).to(DTYPES[precision])
                 hfs[precision] = copy.deepcopy(hf_fp32).to(DTYPES[precision])
-        passes: list[int] = []
 
         def run_ours(precision: str, decoding: str, k: int = n) -> list[int]:
-            kwargs = decodings[decoding]
-            if not kwargs.get("prompt_lookup"):  # one pass a token (a forward hook would keep it off the fused step)
-                return generate(ours[precision], prompt, k, **kwargs)[0]
-            hook = ours[precision].register_forward_hook(lambda *_: passes.append(1))
-            try:
-                return generate(ours[precision], prompt, k, **kwargs)[0]
-            finally:
-                hook.remove()
+            return generate(ours[precision], prompt, k, **decodings[decoding])[0]
+
+        def count_passes(precision: str, decoding: str) -> int:
+            """gpt2lab's forward passes for n tokens (fused steps and the layers' passes), counted in a run of
+            their own (untimed; greedy: the timed runs' tokens). A forward hook would count the layers' only,
+            and keep generation off the fused step."""
+            calls: list[int] = []
+
+            def counted(fn: Callable[..., Any]) -> Callable[..., Any]:
+                return lambda *args, **kwargs: (calls.append(1), fn(*args, **kwargs))[1]
+
+            with (mock.patch.object(FusedDecodeStep, "__call__", counted(FusedDecodeStep.__call__)),
+                  mock.patch.object(GPT2, "forward", counted(GPT2.forward))):  # fmt: skip
+                run_ours(precision, decoding)
+            return len(calls)
 
         def run_hf(precision: str, decoding: str, k: int = n) -> list[int]:
             lookup = decodings[decoding].get("prompt_lookup")
@@ -233,11 +241,11 @@ def main() -> None:
                         model, xs = ours[key[1]], inputs[key[1]]
                         seconds, way = fastest_way(model, xs, reads=4, warm=WARM_TOKENS)
                         before.setdefault(key, []).append((seconds, sustained_read_seconds(way, xs, n)))
-                    passes.clear()
                     seconds, tokens[key] = fn(n)
                     times[key].append(seconds)
-                    if key[0] == "gpt2lab":  # plain and compiled: the prefill, then n - 1 steps
-                        ours_passes[key[1:]] = len(passes) if "prompt_lookup" in decodings[key[2]] else n
+            for key in variants:
+                if key[0] == "gpt2lab":  # plain and compiled: the prefill, then n - 1 steps
+                    ours_passes[key[1:]] = count_passes(*key[1:]) if "prompt_lookup" in decodings[key[2]] else n
             for worker in workers.values():
                 worker.close()
         for key, reads in before.items():

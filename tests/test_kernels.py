@@ -452,9 +452,12 @@ def _lively_model(cfg: GPT2Config, dtype: torch.dtype, seed: int) -> GPT2:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_step_equals_the_layers_called_one_by_one(fused_step_kernel, dtype):
-    """The fused step's logits and the key and value it writes to the cache equal the model's own
-    one-token step from the same cache (up to float rounding), at the first column, in the middle and at
-    the last one, with a position id other than the column."""
+    """The fused step's logits and the keys and values it writes to the cache equal the model's own step
+    from the same cache (up to float rounding): one token at the first column, in the middle and at the
+    last one, with a position id other than the column. Several tokens (1 to 3 a weight load, so 2, 4
+    and 17), with the logits of the last one or of all of them, give exactly what the same tokens give one
+    step each, and the layers' logits in fp32 (in bf16 the layers' matmuls over several tokens round
+    otherwise). Each row's pick is torch's max."""
     if dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
         pytest.skip("this CPU has no AVX512-BF16: bf16 decoding runs the model's layers one at a time")
     model = _lively_model(FUSED_CFG, dtype, seed=11)
@@ -466,19 +469,29 @@ def test_fused_step_equals_the_layers_called_one_by_one(fused_step_kernel, dtype
         before = [block.attn.kv_cache.kv.clone() for block in model.h]
         step = kernels.fused_decode_step(model, batch_size=1)
         assert step is not None
-        for token, position, column in ((7, 0, 0), (41, 9, 5), (95, 23, max_len - 1)):
+        many = torch.randint(0, FUSED_CFG.vocab_size, (17,), generator=torch.Generator().manual_seed(5)).tolist()
+        cases = [([7], 0, 0, 1), ([41], 9, 5, 1), ([95], 23, max_len - 1, 1), ([7, 41], 3, 5, 2),
+                 ([7, 41, 95, 3], 1, 5, 1), ([7, 41, 95, 3], 20, 20, 4), (many, 0, 0, 17), (many, 2, 5, 1)]  # fmt: skip
+        def run(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
             for block, kv in zip(model.h, before):
                 block.attn.kv_cache.kv.copy_(kv)
-            ref = model(torch.tensor([[token]]), pos=torch.tensor([[position]]), start=column, last_only=True)
-            ref_cache = [block.attn.kv_cache.kv.clone() for block in model.h]
-            for block, kv in zip(model.h, before):
-                block.attn.kv_cache.kv.copy_(kv)
-            logits, top = step(token, position, column)
-            assert logits.shape == (1, 1, FUSED_CFG.vocab_size) and logits.dtype == dtype
-            assert top == int(logits.max(dim=-1).indices)
-            torch.testing.assert_close(logits, ref, **MODEL_TOLERANCE[dtype])
-            for block, expected in zip(model.h, ref_cache):
-                torch.testing.assert_close(block.attn.kv_cache.kv, expected, **MODEL_TOLERANCE[dtype])
+            return fn(), [block.attn.kv_cache.kv.clone() for block in model.h]
+
+        for tokens, position, column, logit_rows in cases:
+            pos = torch.arange(position, position + len(tokens))[None]
+            ref, ref_cache = run(lambda: model(torch.tensor([tokens]), pos=pos, start=column)[:, -logit_rows:])
+            (logits, tops), cache = run(lambda: step(tokens, position, column, logit_rows))
+            assert logits.shape == (1, logit_rows, FUSED_CFG.vocab_size) and logits.dtype == dtype
+            assert tops == logits.max(dim=-1).indices[0].tolist()
+            if len(tokens) == 1 or dtype == torch.float32:
+                torch.testing.assert_close(logits, ref, **MODEL_TOLERANCE[dtype])
+                for got, expected in zip(cache, ref_cache):
+                    torch.testing.assert_close(got, expected, **MODEL_TOLERANCE[dtype])
+            one_by_one, singles_cache = run(lambda: torch.cat(
+                [step([t], position + i, column + i)[0] for i, t in enumerate(tokens)], dim=1
+            )[:, -logit_rows:])
+            assert torch.equal(logits, one_by_one)
+            assert all(torch.equal(got, expected) for got, expected in zip(cache, singles_cache))
         model.clear_cache()
 
 
@@ -489,20 +502,26 @@ def _decode_token_calls(fn: Callable[[], object]) -> int:
 
 
 @pytest.mark.parametrize("prompt_lookup", [0, 3])
-def test_one_sequence_decodes_with_the_fused_step_and_gives_the_layers_tokens(fused_step_kernel, prompt_lookup):
-    """Generating for one prompt runs a fused step per token after the prompt, past the context length
-    too (the context is cut and decoding goes on), and gives the tokens of the layers called one by one
-    (a forward hook keeps generation on that path) and of decoding without a cache."""
+def test_one_sequence_decodes_with_the_fused_step_and_gives_the_layers_tokens(fused_step_kernel, prompt_lookup,
+                                                                              monkeypatch):
+    """Generating for one prompt runs the prompt and each step after it (prompt lookup's checks of several
+    tokens too) as a fused step, past the context length too (the context is cut, its last 12 tokens run
+    again as a prompt, and decoding goes on), and gives the tokens of the layers called one by one (a forward
+    hook keeps generation on that path) and of decoding without a cache."""
     model = _lively_model(FUSED_CFG, torch.float32, seed=12)
     prompt, n = [[5, 17, 3, 5, 17]], 3 * FUSED_CFG.n_ctx
-    out: list[list[int]] = []
-    calls = _decode_token_calls(lambda: out.extend(generate(model, prompt, n, prompt_lookup=prompt_lookup)))
+    fed: list[int] = []  # the tokens of each fused step
+    step, forward = kernels.FusedDecodeStep.__call__, model.forward
+    monkeypatch.setattr(kernels.FusedDecodeStep, "__call__", lambda self, tokens, *args, **kwargs: (
+        fed.append(len(tokens)), step(self, tokens, *args, **kwargs))[1])  # fmt: skip
+    monkeypatch.setattr(model, "forward", lambda *args, **kwargs: pytest.fail("a layer ran"))
+    out = generate(model, prompt, n, prompt_lookup=prompt_lookup)
+    monkeypatch.setattr(model, "forward", forward)
+    assert fed[0] == 5 and 12 in fed  # the prompt, a cut context's last 12 tokens
     if prompt_lookup:
-        assert 0 < calls < n - 1  # prompt lookup's checks of several tokens run the layers
+        assert len(fed) < n and max(fed[1:]) > 1  # checks of guesses, and some held
     else:
-        # One a token after the first, but for the 4 tokens that cut the context: the 20th new token
-        # fills the 24 columns, and every 12 tokens after it (24 -> 12 columns, run again as a prompt).
-        assert calls == n - 1 - 4
+        assert len(fed) == n and set(fed[1:]) == {1, 12}  # a step a token after the first
     hook = model.register_forward_hook(lambda *_: None)
     try:
         layered: list[list[int]] = []
@@ -586,9 +605,9 @@ def test_fused_steps_pick_is_torchs_max_with_ties_and_nans(fused_step_kernel, dt
             head.zero_()
             for i, r in rows.items():
                 head[i] = r
-            logits, top = step(7, 0, 0)
-            assert top == int(logits.max(dim=-1).indices), name
-        assert top == 70  # the first NaN
+            logits, tops = step([7, 3], 0, 0, logit_rows=2)  # the pick of each row
+            assert tops == logits.max(dim=-1).indices[0].tolist(), name
+        assert tops == [70, 70]  # the first NaN
     model.clear_cache()
 
 
@@ -597,17 +616,25 @@ def test_fused_step_kernel_names_bad_inputs(fused_step_kernel):
     model.setup_cache(1, 8)
     step = kernels.fused_decode_step(model, 1)
     with torch.inference_mode():
-        with pytest.raises(RuntimeError, match="room for column 8"):
-            step(3, 8, 8)
-        with pytest.raises(RuntimeError, match="token 96, position 0 or column 0 out of range"):
-            step(96, 0, 0)
+        with pytest.raises(RuntimeError, match="room for columns 8 to 8"):
+            step([3], 8, 8)
+        with pytest.raises(RuntimeError, match="room for columns 6 to 8"):
+            step([3, 4, 5], 6, 6)
+        with pytest.raises(RuntimeError, match="token 96 out of range"):
+            step([3, 96], 0, 0)
+        with pytest.raises(RuntimeError, match="positions 22 to 24 or column 0 out of range"):
+            step([3, 4, 5], 22, 0)
+        with pytest.raises(RuntimeError, match="1 to 32 tokens and logits of 1 to all of them expected, got 0"):
+            step([], 0, 0)
+        with pytest.raises(RuntimeError, match="got 2 tokens and 3 logit rows"):
+            step([3, 4], 0, 0, logit_rows=3)
         with pytest.raises(RuntimeError, match="12 tensors a block"):
-            fused_step_kernel(step.params[:-1], step.scales, step.caches, 3, 0, 0, 1e-5)
+            fused_step_kernel(step.params[:-1], step.scales, step.caches, [3], 0, 0, 1, 1e-5)
         with pytest.raises(RuntimeError, match="no scales for float matrices expected, got 1 for 9 matrices"):
-            fused_step_kernel(step.params, [torch.ones(96)], step.caches, 3, 0, 0, 1e-5)
+            fused_step_kernel(step.params, [torch.ones(96)], step.caches, [3], 0, 0, 1, 1e-5)
         int8 = [p.to(torch.int8) if p.dim() == 2 and i > 1 else p for i, p in enumerate(step.params)]
         with pytest.raises(RuntimeError, match="one scale vector per int8 matrix expected, got 0 for 9 matrices"):
-            fused_step_kernel(int8, [], step.caches, 3, 0, 0, 1e-5)
+            fused_step_kernel(int8, [], step.caches, [3], 0, 0, 1, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -671,14 +698,14 @@ def test_int8_fused_step_computes_with_the_int8_weights_and_fp32_inputs(fused_st
             mine.attn.kv_cache.kv.copy_(theirs.attn.kv_cache.kv)
         step = kernels.fused_decode_step(int8, batch_size=1)
         assert step is not None and all(m.dtype == torch.int8 for m in step.params[4:-2:12] + [step.params[-1]])
-        logits, top = step(41, 5, 5)
-        assert top == int(logits.max(dim=-1).indices)
-        expected = ref(torch.tensor([[41]]), start=5, last_only=True)
+        logits, tops = step([41, 7, 60], 5, 5, logit_rows=3)
+        assert tops == logits.max(dim=-1).indices[0].tolist()
+        expected = ref(torch.tensor([[41, 7, 60]]), start=5)
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
         for mine, theirs in zip(int8.h, ref.h):
             torch.testing.assert_close(mine.attn.kv_cache.kv, theirs.attn.kv_cache.kv, rtol=1e-4, atol=1e-4)
     ref.clear_cache()
     int8.clear_cache()
     out: list[list[int]] = []
-    assert _decode_token_calls(lambda: out.extend(generate(int8, prompt, 12))) == 11
+    assert _decode_token_calls(lambda: out.extend(generate(int8, prompt, 12))) == 11  # its 5-token prompt: the layers
     assert out == generate(ref, prompt, 12)

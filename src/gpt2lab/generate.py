@@ -8,10 +8,11 @@ While it decodes on a CPU, the model's plain linear layers run the few-row CPU k
 :mod:`gpt2lab.kernels` (swapped in, and back out at the end); on a GPU, PyTorch's own. A single
 sequence on a CPU with AVX-512 (fp32, or bf16 with AVX512-BF16) decodes each token after the
 prompt with one call of gpt2lab's fused kernel (:func:`gpt2lab.kernels.fused_decode_step`), which
-runs the whole model's step at the pace its weights stream from memory; the tokens are those of
-the layers called one by one, up to float rounding (int8 layers of :mod:`gpt2lab.quantize`: on their
-int8 weights with fp32 activations). A model with other layers (LoRA) or with forward hooks decodes
-layer by layer, so that its layers and hooks run. Tokens
+runs the whole model's step at the pace its weights stream from memory, and so does a short prompt
+and each prompt-lookup check (up to ``FusedDecodeStep.max_tokens`` tokens: 16 fp32, 8 bf16, 4 int8);
+the tokens are those of the layers called one by one, up to float rounding (int8 layers of
+:mod:`gpt2lab.quantize`: on their int8 weights with fp32 activations). A model with other layers
+(LoRA) or with forward hooks decodes layer by layer, so that its layers and hooks run. Tokens
 are drawn on the device of the ``generator`` given (a CPU generator on a GPU model: the same
 tokens as on a CPU, up to float rounding of the probabilities).
 
@@ -27,7 +28,9 @@ Prompt-lookup decoding (``prompt_lookup=N``, off by default, batch 1 only) is sp
 decoding with the text itself as the draft model: when the last few tokens occurred
 before, the (up to N) tokens that followed them are guessed, and one forward pass over the
 guesses checks them all. Decoding one token costs about as much as checking several (the
-time goes into reading the weights), so every guess that holds saves a step. Each position
+time goes into reading the weights), so every guess that holds saves a step; with the fused
+step a check takes at most ``max_tokens - 1`` guesses (each costs its arithmetic, ~20% of a
+step in bf16 on 2 cores, and past them the layers cost more than the guesses save). Each position
 is still sampled from the model's own distribution, in order, with one draw of the
 generator per new token, and a guess is kept only while it equals that token; the output
 therefore has exactly the distribution of plain decoding (greedy: the same tokens, up to
@@ -230,10 +233,10 @@ class _Decoder:
         if compiled is not None:
             cache_len = -(-cache_len // COMPILED_CACHE_STEP) * COMPILED_CACHE_STEP
         model.setup_cache(B, min(cfg.n_ctx, cache_len))
-        # One sequence on a CPU: each one-token step is one call of gpt2lab's kernel, unless compiling (one
-        # sequence is never padded, so the kernel attends to every column in use).
+        # One sequence on a CPU: each step (a short prompt too) is one call of gpt2lab's kernel, unless compiling
+        # (one sequence is never padded, so the kernel attends to every column in use).
         self.fused = fused_decode_step(model, B) if compiled is None else None
-        self.top: int | None = None  # the fused step's largest logit's id, for the logits step() last returned
+        self.tops: list[int] | None = None  # the fused step's largest logits' ids, for the logits last returned
         # Its bookkeeping writes through NumPy views of these CPU tensors: ~0.2 us a write, where indexing a
         # tensor costs 15-20 us just after a step (the step's weights have pushed Python's data out of the
         # CPU caches): ~1% of a bf16 step of GPT-2 124M each.
@@ -245,17 +248,23 @@ class _Decoder:
 
     @property
     def room(self) -> int:
-        """How many draft tokens the next :meth:`step` can check after its token without a cut."""
-        return self.model.cache_len - self.length - 1
+        """How many draft tokens the next :meth:`step` should check after its token: no more than fit in the
+        cache without a cut, nor than the fused step takes (past them the layers cost more than it saves)."""
+        room = self.model.cache_len - self.length - 1
+        return room if self.fused is None else min(room, self.fused.max_tokens - 1)
 
     def prefill(self) -> torch.Tensor:
         """Run the ``width`` context columns from cache position 0; logits (B, 1, vocab_size) of the last one."""
         T = self.width
+        if self.fused is not None and T <= self.fused.max_tokens:  # one sequence, never padded
+            logits, self.tops = self.fused(self.host[0][0, :T].tolist(), 0, 0)
+            self.length, self.next_pos[0, 0] = T, T
+            return logits
         valid = self.valid[:, :T]
         pos = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T) each row counts from its first real token
         key_mask = valid if self.padded else None
         logits = self.model(self.tokens[:, :T], pos=pos, start=0, key_mask=key_mask, last_only=True)
-        self.length, self.top = T, None
+        self.length, self.tops = T, None
         self.next_pos.copy_(pos[:, -1:] + 1)
         return logits
 
@@ -269,12 +278,13 @@ class _Decoder:
         if self.length == n_ctx:
             return self._cut_and_prefill(ids)
         col, T = self.length, 1 + len(draft)
-        self.top = None
-        if T == 1 and self.host is not None:  # the fused step
+        self.tops = None
+        if self.host is not None and T <= self.fused.max_tokens:  # the fused step
             tokens, valid, next_pos = self.host
-            tokens[0, col], valid[0, col] = ids[0], True
-            logits, self.top = self.fused(ids[0], int(next_pos[0, 0]), col)
-            self.length, next_pos[0, 0] = col + 1, next_pos[0, 0] + 1
+            fed = [*ids, *draft]
+            tokens[0, col : col + T], valid[0, col : col + T] = fed, True
+            logits, self.tops = self.fused(fed, int(next_pos[0, 0]), col, logit_rows=T)
+            self.length, next_pos[0, 0] = col + T, next_pos[0, 0] + T
             return logits
         device = self.tokens.device
         fed = torch.tensor([[*ids, *draft]] if draft else [[i] for i in ids], device=device)  # (B, T)
@@ -407,8 +417,8 @@ def _stream(
                 warned = True
             # Sample position by position; a guess survives only while it equals the sampled token.
             for j in range(logits.shape[1]):
-                if greedy and dec.top is not None:  # one token's logits, from the fused step
-                    ids = [dec.top]
+                if greedy and dec.tops is not None:  # from the fused step
+                    ids = [dec.tops[j]]
                 else:
                     ids = sample(logits[:, j], *sampling, generator=generator).tolist()  # (B,)
                 if eos_id is not None:

@@ -61,6 +61,19 @@ rest is attention's read of the cache); 200 bf16 steps in a row ran at 101-106% 
 in a row (three runs; int8: 62-98%, its 60 barriers a token exposed to a core the host takes away).
 Generating 200 tokens (``bench/generate.py``, 13 runs over two noisy days): fp32 72-110% and bf16 76-104%
 of the fastest single read, 79-97% / 81-97% of 200 reads in a row read just before (see the README).
+
+The same call runs several tokens of the sequence (a short prompt, a prompt-lookup check): each weight
+loaded is multiplied with up to 3 of them, and each token's arithmetic is that of a step of its own (the
+same logits and cache, bit for bit). Their arithmetic is not free on 2 cores (GPT-2 124M, medians of 5):
+
+    tokens   fp32 fused  layers | bf16 fused  layers | int8 fused  layers
+    1        17.7-19.4   23.9   | 12.0        34.0   | 4.4-4.9     9.5
+    4        21.7-23.2   50.8   | 15.8-18.6   34.6   | 11.1-11.8   14.4
+    8        27.8-30.5   71.3   | 23.4-29.4   35.8   | 17.0-19.9   16.3
+    16       39.6-53.3   69.6   | 36.3-40.2   34.2   | 24.8-31.9   18.6
+
+(ms; fused: with the logits of the last token, then of all; layers: of all), so a step takes at most
+:data:`FUSED_MAX_TOKENS` and longer prompts run the layers.
 """
 
 from __future__ import annotations
@@ -193,10 +206,10 @@ def decode_attention_op() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | 
         return _load_decode_attention()
 
 
-def decode_token_op() -> Callable[..., tuple[torch.Tensor, int]] | None:
-    """``gpt2lab::decode_token(params, scales, caches, token, position, column, eps) -> (logits (vocab,),
-    id of the largest logit)``: one cached decoding step of a whole GPT-2 for one sequence
-    (``csrc/decode_token.cpp``; see :class:`FusedDecodeStep`). Built like :func:`bf16_addmv_op`; None
+def decode_token_op() -> Callable[..., tuple[torch.Tensor, list[int]]] | None:
+    """``gpt2lab::decode_token(params, scales, caches, tokens, position, column, logit_rows, eps) -> (logits
+    (logit_rows, vocab), id of each row's largest logit)``: one cached step of a whole GPT-2 over 1 to 32 tokens
+    of one sequence (``csrc/decode_token.cpp``; see :class:`FusedDecodeStep`). Built like :func:`bf16_addmv_op`; None
     where it cannot be (logged once).
     """
     with _BUILD_LOCK:
@@ -216,7 +229,7 @@ def _load_decode_attention() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @functools.cache
-def _load_decode_token() -> Callable[..., tuple[torch.Tensor, int]] | None:
+def _load_decode_token() -> Callable[..., tuple[torch.Tensor, list[int]]] | None:
     return _build("decode_token", "decode_token", "decoding runs the model's layers one at a time")
 
 
@@ -308,11 +321,22 @@ def _fused_runs(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and dtype in cpu_has and cpu_has[dtype]()
 
 
+# The most tokens a fused step takes, by its matrices' dtype: up to these it ran faster than GPT-2 124M's layers
+# (medians, 2 cores: fp32 16 tokens 40-53 ms, layers 70; bf16 8: 23-29 ms, layers 36; int8 4: 11-12 ms, layers 14).
+FUSED_MAX_TOKENS = {torch.float32: 16, torch.bfloat16: 8, torch.int8: 4}
+
+
 class FusedDecodeStep:
-    """``step(token, position, column)``: logits (1, 1, vocab_size) of the token after ``token`` (an id)
-    at position id ``position``, its key and value written to KV cache column ``column``, and the id of
-    the largest logit (``logits.max(-1).indices``: the lowest id among equal ones, a NaN above any number);
-    the logits are ``model(torch.tensor([[token]]), pos=..., start=column, last_only=True)`` up to float rounding.
+    """``step(tokens, position, column, logit_rows=1)``: logits (1, logit_rows, vocab_size) of the tokens after
+    the last ``logit_rows`` of ``tokens`` (ids, at most :attr:`max_tokens`) at position ids ``position``, ``position
+    + 1``, ..., their keys and values written to KV cache columns ``column``, ``column + 1``, ..., and the id of
+    each row's largest logit (``logits.max(-1).indices``: the lowest id among equal ones, a NaN above any number);
+    the logits are ``model(torch.tensor([tokens]), pos=..., start=column)[:, -logit_rows:]`` up to float rounding.
+
+    Several tokens (a short prompt, a prompt-lookup check) cost one read of the weights for all of them plus
+    their arithmetic (each weight loaded once for up to 3 tokens), ~1.3 (fp32), ~2 (bf16) or ~1.9 ms (int8)
+    a token more for GPT-2 124M on 2 cores, while the layers' matmuls cost about the same for any few tokens:
+    ``max_tokens`` is where the step stops being faster (see :data:`FUSED_MAX_TOKENS`).
 
     One call of ``gpt2lab::decode_token`` (``csrc/decode_token.cpp``) runs the whole step: the CPU
     threads start once and go through the blocks together, meeting where one needs another's
@@ -320,13 +344,16 @@ class FusedDecodeStep:
     parameters and caches are taken when it is made: make one per decoding run.
     """
 
-    def __init__(self, op: Callable[..., tuple[torch.Tensor, int]], params: list[torch.Tensor],
+    def __init__(self, op: Callable[..., tuple[torch.Tensor, list[int]]], params: list[torch.Tensor],
                  scales: list[torch.Tensor], caches: list[torch.Tensor], eps: float):  # fmt: skip
         self.op, self.params, self.scales, self.caches, self.eps = op, params, scales, caches, eps
+        self.max_tokens = FUSED_MAX_TOKENS[params[-1].dtype]
 
-    def __call__(self, token: int, position: int, column: int) -> tuple[torch.Tensor, int]:
-        logits, top = self.op(self.params, self.scales, self.caches, token, position, column, self.eps)
-        return logits.view(1, 1, -1), top
+    def __call__(
+        self, tokens: list[int], position: int, column: int, logit_rows: int = 1
+    ) -> tuple[torch.Tensor, list[int]]:
+        logits, tops = self.op(self.params, self.scales, self.caches, tokens, position, column, logit_rows, self.eps)
+        return logits.view(1, logit_rows, -1), tops
 
 
 class CompileUnavailable(Gpt2labError, RuntimeError):

@@ -1,7 +1,10 @@
-// gpt2lab::decode_token(params, scales, caches, token, position, column, eps): one cached decoding step
-// of GPT-2 for one sequence, the whole model in one call: logits (vocab,) of the token after `token`, and
-// the id of the largest of them (greedy decoding's pick, found as the logits are written: torch's max
-// over 50257 logits takes ~80-130 us a token, ~1% of a bf16 step of GPT-2 124M).
+// gpt2lab::decode_token(params, scales, caches, tokens, position, column, logit_rows, eps): one cached step of
+// GPT-2 over 1 to MAX_TOKENS tokens of one sequence (at positions position.., cache columns column..), the
+// whole model in one call: the logits (logit_rows, vocab) of the tokens after the last logit_rows of them,
+// and the id of each row's largest logit (greedy decoding's pick, found as the logits are written: torch's
+// max over 50257 logits takes ~80-130 us a token, ~1% of a bf16 step of GPT-2 124M). Several tokens (a
+// short prompt, a prompt-lookup check) share each load of a weight, up to 3 at a time, and each token's
+// arithmetic is the same as in a step of its own (the same logits and cache, bit for bit).
 // params: wte, wpe, per block ln_1 (weight, bias), c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj (each
 // weight, bias), then ln_f (weight, bias) and lm_head's weight: fp32 or bf16, or fp32 with int8 matrices
 // and one fp32 scale per output channel of each matrix in `scales` (the same order).
@@ -43,6 +46,7 @@ namespace {
 constexpr int64_t ROWS = 8;          // weight rows per pass: they share each load of the input vector
 constexpr int64_t CHUNK = 64;        // rows a thread takes of a product at a time (a multiple of ROWS)
 constexpr int64_t PER_BLOCK = 12;    // params per block, in the order the header lists
+constexpr int64_t MAX_TOKENS = 32;   // tokens a step (its products' sums for each kept on the stack)
 
 // Storage types: float (fp32) and uint16_t (bf16 bits, converted as c10::BFloat16 does: round to nearest even).
 inline float load(float v) { return v; }
@@ -75,56 +79,76 @@ inline const char* ahead(const W* w, int64_t rows, int64_t in) {
   else return reinterpret_cast<const char*>(w) + 2048;
 }
 
-// out[r] = dot(w[r * in ...], x) for the N rows of `in` values each at w; `in` a multiple of 32.
-// W: fp32, or int8 weights (per-output-channel scales applied by product) against fp32 inputs, so
-// that the only rounding past fp32's is the weights' own quantization.
-template <int64_t N, typename W>
+// out[m * CHUNK + r] = dot(w[r * in ...], x[m * in ...]) for the N rows of `in` values each at w and the
+// M input rows at x (each weight loaded once for all of them); `in` a multiple of 32. W: fp32, or int8
+// weights (per-output-channel scales applied by product) against fp32 inputs, so that the only
+// rounding past fp32's is the weights' own quantization.
+template <int64_t N, int64_t M, typename W>
 inline void rows_dot(const W* w, const float* x, int64_t in, float* out) {
-  __m512 acc[N];
-  for (int64_t r = 0; r < N; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[N][M];
+  for (int64_t r = 0; r < N; ++r)
+    for (int64_t m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   for (int64_t i = 0; i < in; i += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + i);
+    __m512 xv[M];
+    for (int64_t m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * in + i);
 #pragma GCC unroll 8
     for (int64_t r = 0; r < N; ++r) {
       _mm_prefetch(ahead(w + r * in + i, N, in), _MM_HINT_T0);
-      acc[r] = _mm512_fmadd_ps(widen16(w + r * in + i), xv, acc[r]);
+      const __m512 wv = widen16(w + r * in + i);
+      for (int64_t m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
     }
   }
-  for (int64_t r = 0; r < N; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+  for (int64_t r = 0; r < N; ++r)
+    for (int64_t m = 0; m < M; ++m) out[m * CHUNK + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
 // The same for bf16 weights and inputs: pairs multiplied into fp32 sums by one instruction (vdpbf16ps).
-template <int64_t N>
+template <int64_t N, int64_t M>
 inline void rows_dot(const uint16_t* w, const uint16_t* x, int64_t in, float* out) {
-  __m512 acc[N];
-  for (int64_t r = 0; r < N; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[N][M];
+  for (int64_t r = 0; r < N; ++r)
+    for (int64_t m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   for (int64_t i = 0; i < in; i += 32) {
-    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
+    __m512bh xv[M];
+    for (int64_t m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * in + i);
 #pragma GCC unroll 8
     for (int64_t r = 0; r < N; ++r) {
       _mm_prefetch(ahead(w + r * in + i, N, in), _MM_HINT_T0);
-      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w + r * in + i), xv);
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * in + i);
+      for (int64_t m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
     }
   }
-  for (int64_t r = 0; r < N; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+  for (int64_t r = 0; r < N; ++r)
+    for (int64_t m = 0; m < M; ++m) out[m * CHUNK + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+// rows_dot for the N weight rows at w against the n input rows at x, up to 3 at a time (the 8 x 3 sums
+// fill 24 of the 32 vector registers).
+template <int64_t N, typename W, typename T>
+inline void rows_dot(const W* w, const T* x, int64_t n, int64_t in, float* out) {
+  int64_t m = 0;
+  for (; m + 3 <= n; m += 3) rows_dot<N, 3>(w, x + m * in, in, out + m * CHUNK);
+  if (n - m == 2) rows_dot<N, 2>(w, x + m * in, in, out + m * CHUNK);
+  if (n - m == 1) rows_dot<N, 1>(w, x + m * in, in, out + m * CHUNK);
 }
 
 // epilogue(begin, end, dots) for each chunk [begin, end) of rows this thread takes of the (rows, in) matrix
-// w, dots[o - begin] = w[o] . x (times scale[o] for int8 weights). The threads take chunks in turn from
-// `next` (shared, from 0): a thread that runs slower (its core shared with another process) does fewer
-// rows instead of keeping the others waiting at the next barrier (with halves fixed in advance, one of
-// two threads here waited ~8% of a step).
+// w, dots[m * CHUNK + o - begin] = w[o] . x[m] for each of the n input rows (times scale[o] for int8 weights).
+// The threads take chunks in turn from `next` (shared, from 0): a thread that runs slower (its core shared
+// with another process) does fewer rows instead of keeping the others waiting at the next barrier (with
+// halves fixed in advance, one of two threads here waited ~8% of a step).
 template <typename W, typename T, typename F>
-inline void product(const W* w, const T* x, const float* scale, int64_t rows, int64_t in, std::atomic<int64_t>& next,
-                    F epilogue) {
-  float dots[CHUNK];
+inline void product(const W* w, const T* x, int64_t n, const float* scale, int64_t rows, int64_t in,
+                    std::atomic<int64_t>& next, F epilogue) {
+  float dots[MAX_TOKENS * CHUNK];
   for (int64_t begin; (begin = next.fetch_add(CHUNK, std::memory_order_relaxed)) < rows;) {
     const int64_t end = std::min(rows, begin + CHUNK);
     int64_t o = begin;
-    for (; o + ROWS <= end; o += ROWS) rows_dot<ROWS>(w + o * in, x, in, dots + (o - begin));
-    for (; o < end; ++o) rows_dot<1>(w + o * in, x, in, dots + (o - begin));
+    for (; o + ROWS <= end; o += ROWS) rows_dot<ROWS>(w + o * in, x, n, in, dots + (o - begin));
+    for (; o < end; ++o) rows_dot<1>(w + o * in, x, n, in, dots + (o - begin));
     if (scale != nullptr)
-      for (o = begin; o < end; ++o) dots[o - begin] *= scale[o];
+      for (int64_t m = 0; m < n; ++m)
+        for (o = begin; o < end; ++o) dots[m * CHUNK + o - begin] *= scale[o];
     epilogue(begin, end, dots);
   }
 }
@@ -250,69 +274,95 @@ inline void attend(const T* qkv, T* kv, int64_t h, int64_t n_head, int64_t max_l
   }
 }
 
-// Returns the id of the largest logit (the lowest id among equal ones, a NaN above any number, as torch's max).
+// Runs tokens[0..n) at positions position.. and cache columns column..; writes the logits of the last
+// `logit_rows` of them to logits (logit_rows, vocab) and returns the id of each one's largest logit (the
+// lowest id among equal ones, a NaN above any number, as torch's max).
 template <typename T, typename W>
 auto decode(const std::vector<Block<T, W>>& blocks, const T* wte, const T* wpe, const T* ln_f_w, const T* ln_f_b,
             const W* lm_head, const float* lm_head_s, int64_t vocab, int64_t C, int64_t n_head, int64_t max_len,
-            int64_t token, int64_t position, int64_t column, float eps, T* logits) -> int64_t {
-  const int64_t dim = C / n_head, threads = at::get_num_threads();
-  std::vector<float> x(C);
-  std::vector<T> qkv(3 * C), attended(C), activation(4 * C), normed(threads * C);
+            const std::vector<int64_t>& tokens, int64_t position, int64_t column, int64_t logit_rows, float eps,
+            T* logits) -> std::vector<int64_t> {
+  const int64_t dim = C / n_head, threads = at::get_num_threads(), n = tokens.size(), first = n - logit_rows;
+  std::vector<float> x(n * C);  // the residual stream, a row a token
+  std::vector<T> qkv(n * 3 * C), attended(n * C), activation(n * 4 * C), normed(threads * n * C);
   std::vector<std::atomic<int64_t>> next(5 * blocks.size() + 1);  // each product's next chunk, each block's next head
-  std::vector<int64_t> best(threads, -1);  // each thread's largest logit
-  for (int64_t i = 0; i < C; ++i) x[i] = rounded<T>(load(wte[token * C + i]) + load(wpe[position * C + i]));
+  std::vector<int64_t> best(threads * logit_rows, -1);  // each thread's largest logit of each row
+  for (int64_t m = 0; m < n; ++m)
+    for (int64_t i = 0; i < C; ++i)
+      x[m * C + i] = rounded<T>(load(wte[tokens[m] * C + i]) + load(wpe[(position + m) * C + i]));
   // The residual stream x + the product's output (with its bias), each rounded as the layers round them.
   auto residual = [&](const T* bias) {
-    return [&x, bias](int64_t begin, int64_t end, const float* dots) {
-      for (int64_t o = begin; o < end; ++o) x[o] = rounded<T>(x[o] + rounded<T>(dots[o - begin] + load(bias[o])));
+    return [&x, bias, n, C](int64_t begin, int64_t end, const float* dots) {
+      for (int64_t m = 0; m < n; ++m)
+        for (int64_t o = begin; o < end; ++o)
+          x[m * C + o] = rounded<T>(x[m * C + o] + rounded<T>(dots[m * CHUNK + o - begin] + load(bias[o])));
     };
+  };
+  auto norm = [&](const T* g, const T* b, int64_t from, T* out) {  // rows from..n of x
+    for (int64_t m = from; m < n; ++m) layer_norm(x.data() + m * C, g, b, C, eps, out + (m - from) * C);
   };
 #pragma omp parallel num_threads(threads)
   {
     const int64_t t = omp_get_thread_num();
-    T* a = normed.data() + t * C;  // this thread's layer-norm output
+    T* a = normed.data() + t * n * C;  // this thread's layer-norm output
     std::atomic<int64_t>* chunks = next.data();
     for (const Block<T, W>& b : blocks) {
-      layer_norm(x.data(), b.ln_1_w, b.ln_1_b, C, eps, a);
-      product(b.c_attn_w, a, b.c_attn_s, 3 * C, C, *chunks++, [&](int64_t begin, int64_t end, const float* dots) {
-        for (int64_t o = begin; o < end; ++o) qkv[o] = store<T>(dots[o - begin] + load(b.c_attn_b[o]));
+      norm(b.ln_1_w, b.ln_1_b, 0, a);
+      product(b.c_attn_w, a, n, b.c_attn_s, 3 * C, C, *chunks++, [&](int64_t begin, int64_t end, const float* dots) {
+        for (int64_t m = 0; m < n; ++m)
+          for (int64_t o = begin; o < end; ++o)
+            qkv[m * 3 * C + o] = store<T>(dots[m * CHUNK + o - begin] + load(b.c_attn_b[o]));
       });
 #pragma omp barrier
-      std::atomic<int64_t>& heads = *chunks++;  // the heads, too, taken one at a time
+      // The heads, too, taken one at a time; a head's tokens in order, each after writing its key and value.
+      std::atomic<int64_t>& heads = *chunks++;
       for (int64_t h; (h = heads.fetch_add(1, std::memory_order_relaxed)) < n_head;)
-        attend(qkv.data(), b.kv, h, n_head, max_len, dim, column, attended.data() + h * dim);
+        for (int64_t m = 0; m < n; ++m)
+          attend(qkv.data() + m * 3 * C, b.kv, h, n_head, max_len, dim, column + m, attended.data() + m * C + h * dim);
 #pragma omp barrier
-      product(b.attn_proj_w, attended.data(), b.attn_proj_s, C, C, *chunks++, residual(b.attn_proj_b));
+      product(b.attn_proj_w, attended.data(), n, b.attn_proj_s, C, C, *chunks++, residual(b.attn_proj_b));
 #pragma omp barrier
-      layer_norm(x.data(), b.ln_2_w, b.ln_2_b, C, eps, a);
-      product(b.c_fc_w, a, b.c_fc_s, 4 * C, C, *chunks++, [&](int64_t begin, int64_t end, float* dots) {
-        for (int64_t o = begin; o < end; ++o) dots[o - begin] = rounded<T>(dots[o - begin] + load(b.c_fc_b[o]));
-        gelu(dots, end - begin);
-        for (int64_t o = begin; o < end; ++o) activation[o] = store<T>(dots[o - begin]);
+      norm(b.ln_2_w, b.ln_2_b, 0, a);
+      product(b.c_fc_w, a, n, b.c_fc_s, 4 * C, C, *chunks++, [&](int64_t begin, int64_t end, float* dots) {
+        for (int64_t m = 0; m < n; ++m) {
+          float* d = dots + m * CHUNK;
+          for (int64_t o = begin; o < end; ++o) d[o - begin] = rounded<T>(d[o - begin] + load(b.c_fc_b[o]));
+          gelu(d, end - begin);
+          for (int64_t o = begin; o < end; ++o) activation[m * 4 * C + o] = store<T>(d[o - begin]);
+        }
       });
 #pragma omp barrier
-      product(b.mlp_proj_w, activation.data(), b.mlp_proj_s, C, 4 * C, *chunks++, residual(b.mlp_proj_b));
+      product(b.mlp_proj_w, activation.data(), n, b.mlp_proj_s, C, 4 * C, *chunks++, residual(b.mlp_proj_b));
 #pragma omp barrier
     }
-    layer_norm(x.data(), ln_f_w, ln_f_b, C, eps, a);
-    int64_t mine = -1;  // this thread's largest logit (a thread's chunks come in rising ids: ties keep the first)
-    float mine_value = 0.0f;
-    product(lm_head, a, lm_head_s, vocab, C, *chunks, [&](int64_t begin, int64_t end, const float* dots) {
-      for (int64_t o = begin; o < end; ++o) {
-        logits[o] = store<T>(dots[o - begin]);
-        const float v = load(logits[o]);
-        if (mine < 0 || v > mine_value || (std::isnan(v) && !std::isnan(mine_value))) mine = o, mine_value = v;
+    norm(ln_f_w, ln_f_b, first, a);
+    // This thread's largest logit of each row (a thread's chunks come in rising ids: ties keep the first).
+    int64_t* mine = best.data() + t * logit_rows;
+    float mine_value[MAX_TOKENS] = {};
+    product(lm_head, a, logit_rows, lm_head_s, vocab, C, *chunks, [&](int64_t begin, int64_t end, const float* dots) {
+      for (int64_t m = 0; m < logit_rows; ++m) {
+        T* row = logits + m * vocab;
+        for (int64_t o = begin; o < end; ++o) {
+          row[o] = store<T>(dots[m * CHUNK + o - begin]);
+          const float v = load(row[o]);
+          if (mine[m] < 0 || v > mine_value[m] || (std::isnan(v) && !std::isnan(mine_value[m])))
+            mine[m] = o, mine_value[m] = v;
+        }
       }
     });
-    best[t] = mine;
   }
-  int64_t top = -1;  // the threads' picks merged: the larger logit, the lower id of equal ones, a NaN first
-  for (const int64_t i : best) {
-    if (i < 0) continue;
-    const float v = load(logits[i]), w = top < 0 ? 0.0f : load(logits[top]);
-    if (top < 0 || (std::isnan(v) ? !std::isnan(w) || i < top : v > w || (v == w && i < top))) top = i;
+  std::vector<int64_t> tops(logit_rows, -1);  // the threads' picks merged: the larger logit, the lower id of equal
+  for (int64_t m = 0; m < logit_rows; ++m) {   // ones, a NaN first
+    const T* row = logits + m * vocab;
+    int64_t& top = tops[m];
+    for (int64_t t = 0; t < threads; ++t) {
+      const int64_t i = best[t * logit_rows + m];
+      if (i < 0) continue;
+      const float v = load(row[i]), w = top < 0 ? 0.0f : load(row[top]);
+      if (top < 0 || (std::isnan(v) ? !std::isnan(w) || i < top : v > w || (v == w && i < top))) top = i;
+    }
   }
-  return top;
+  return tops;
 }
 
 // out[i] = matrices[i] @ vectors[i] (times scales[i] for int8) for every i: the products of decode(), alone.
@@ -322,7 +372,7 @@ void products(const std::vector<const W*>& w, const std::vector<const T*>& x, co
   std::vector<std::atomic<int64_t>> next(w.size());
 #pragma omp parallel num_threads(at::get_num_threads())
   for (size_t i = 0; i < w.size(); ++i)
-    product(w[i], x[i], scales[i], rows[i], in[i], next[i], [&](int64_t begin, int64_t end, const float* dots) {
+    product(w[i], x[i], 1, scales[i], rows[i], in[i], next[i], [&](int64_t begin, int64_t end, const float* dots) {
       for (int64_t o = begin; o < end; ++o) out[i][o] = store<T>(dots[o - begin]);
     });
 }
@@ -343,8 +393,9 @@ const float* scale_of(at::TensorList scales, size_t i) {
 }
 
 template <typename T, typename W>
-std::tuple<at::Tensor, int64_t> run(at::TensorList params, at::TensorList scales, at::TensorList caches, int64_t token,
-                                    int64_t position, int64_t column, double eps) {
+std::tuple<at::Tensor, std::vector<int64_t>> run(at::TensorList params, at::TensorList scales, at::TensorList caches,
+                                                 at::IntArrayRef tokens, int64_t position, int64_t column,
+                                                 int64_t logit_rows, double eps) {
   const at::Tensor& wte = params[0];
   const int64_t vocab = wte.size(0), C = wte.size(1), n_head = caches[0].size(2), max_len = caches[0].size(3);
   std::vector<Block<T, W>> blocks;
@@ -357,12 +408,12 @@ std::tuple<at::Tensor, int64_t> run(at::TensorList params, at::TensorList scales
                       scale_of(scales, 4 * i + 3), reinterpret_cast<T*>(caches[i].data_ptr())});
   }
   const size_t last = params.size() - 1;
-  at::Tensor logits = at::empty({vocab}, wte.options());
-  const int64_t top = decode<T, W>(blocks, ptr<T>(wte), ptr<T>(params[1]), ptr<T>(params[last - 2]),
-                                   ptr<T>(params[last - 1]), ptr<W>(params[last]), scale_of(scales, 4 * caches.size()),
-                                   vocab, C, n_head, max_len, token, position, column, static_cast<float>(eps),
-                                   reinterpret_cast<T*>(logits.data_ptr()));
-  return {logits, top};
+  at::Tensor logits = at::empty({logit_rows, vocab}, wte.options());
+  auto tops = decode<T, W>(blocks, ptr<T>(wte), ptr<T>(params[1]), ptr<T>(params[last - 2]), ptr<T>(params[last - 1]),
+                           ptr<W>(params[last]), scale_of(scales, 4 * caches.size()), vocab, C, n_head, max_len,
+                           tokens.vec(), position, column, logit_rows, static_cast<float>(eps),
+                           reinterpret_cast<T*>(logits.data_ptr()));
+  return {logits, tops};
 }
 
 bool is_matrix(size_t i, size_t count) {  // params[i] is one of the matrices (each block's 4, lm_head)
@@ -386,8 +437,10 @@ void check_scales(const char* op, at::TensorList scales, const std::vector<at::T
                 op, ": fp32 scales (out,) expected for a matrix of ", matrices[i].sizes(), ", got ", scales[i].sizes());
 }
 
-std::tuple<at::Tensor, int64_t> decode_token(at::TensorList params, at::TensorList scales, at::TensorList caches,
-                                             int64_t token, int64_t position, int64_t column, double eps) {
+std::tuple<at::Tensor, std::vector<int64_t>> decode_token(at::TensorList params, at::TensorList scales,
+                                                          at::TensorList caches, at::IntArrayRef tokens,
+                                                          int64_t position, int64_t column, int64_t logit_rows,
+                                                          double eps) {
   TORCH_CHECK(!caches.empty() && params.size() == 5 + PER_BLOCK * caches.size(),
               "decode_token: wte, wpe, ", PER_BLOCK, " tensors a block, ln_f's weight and bias and lm_head's weight ",
               "expected, got ", params.size(), " tensors for ", caches.size(), " blocks");
@@ -409,16 +462,22 @@ std::tuple<at::Tensor, int64_t> decode_token(at::TensorList params, at::TensorLi
                 "decode_token: contiguous CPU tensors expected, ", dtype, " (matrices: all ", dtype,
                 " or all int8); tensor ", i, " is ", params[i].scalar_type());
   check_scales("decode_token", scales, matrices, dtype);
+  const int64_t n = tokens.size();
+  TORCH_CHECK(1 <= n && n <= MAX_TOKENS && 1 <= logit_rows && logit_rows <= n, "decode_token: 1 to ", MAX_TOKENS,
+              " tokens and logits of 1 to all of them expected, got ", n, " tokens and ", logit_rows, " logit rows");
   for (const at::Tensor& kv : caches)
     TORCH_CHECK(kv.dim() == 5 && kv.size(0) == 2 && kv.size(1) == 1 && kv.size(2) * kv.size(4) == C &&
-                    kv.scalar_type() == dtype && kv.is_contiguous() && column < kv.size(3),
-                "decode_token: KV caches (2, 1, n_head, max_len, head_dim) with room for column ", column,
-                " expected, got ", kv.sizes());
-  TORCH_CHECK(0 <= token && token < params[0].size(0) && 0 <= position && position < params[1].size(0) && column >= 0,
-              "decode_token: token ", token, ", position ", position, " or column ", column, " out of range");
-  if (matrix_dtype == at::kChar) return run<float, int8_t>(params, scales, caches, token, position, column, eps);
-  return dtype == at::kFloat ? run<float, float>(params, scales, caches, token, position, column, eps)
-                             : run<uint16_t, uint16_t>(params, scales, caches, token, position, column, eps);
+                    kv.scalar_type() == dtype && kv.is_contiguous() && column + n <= kv.size(3),
+                "decode_token: KV caches (2, 1, n_head, max_len, head_dim) with room for columns ", column, " to ",
+                column + n - 1, " expected, got ", kv.sizes());
+  for (const int64_t token : tokens)
+    TORCH_CHECK(0 <= token && token < params[0].size(0), "decode_token: token ", token, " out of range");
+  TORCH_CHECK(0 <= position && position + n <= params[1].size(0) && column >= 0, "decode_token: positions ", position,
+              " to ", position + n - 1, " or column ", column, " out of range");
+  if (matrix_dtype == at::kChar)
+    return run<float, int8_t>(params, scales, caches, tokens, position, column, logit_rows, eps);
+  if (dtype == at::kFloat) return run<float, float>(params, scales, caches, tokens, position, column, logit_rows, eps);
+  return run<uint16_t, uint16_t>(params, scales, caches, tokens, position, column, logit_rows, eps);
 }
 
 template <typename T, typename W>
@@ -465,8 +524,8 @@ std::vector<at::Tensor> matvecs(at::TensorList matrices, at::TensorList vectors,
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gpt2lab, m) {
-  m.def("decode_token(Tensor[] params, Tensor[] scales, Tensor(a!)[] caches, int token, int position, int column, "
-        "float eps) -> (Tensor, int)");
+  m.def("decode_token(Tensor[] params, Tensor[] scales, Tensor(a!)[] caches, int[] tokens, int position, int column, "
+        "int logit_rows, float eps) -> (Tensor, int[])");
   m.def("matvecs(Tensor[] matrices, Tensor[] vectors, Tensor[] scales) -> Tensor[]");
 }
 TORCH_LIBRARY_IMPL(gpt2lab, CPU, m) {
