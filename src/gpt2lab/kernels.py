@@ -64,16 +64,19 @@ of the fastest single read, 79-97% / 81-97% of 200 reads in a row read just befo
 
 The same call runs several tokens of the sequence (a short prompt, a prompt-lookup check): each weight
 loaded is multiplied with up to 3 of them, and each token's arithmetic is that of a step of its own (the
-same logits and cache, bit for bit). Their arithmetic is not free on 2 cores (GPT-2 124M, medians of 5):
+same logits and cache, bit for bit). Their arithmetic is not free on 2 cores (GPT-2 124M, medians of 5-9):
 
-    tokens   fp32 fused  layers | bf16 fused  layers | int8 fused  layers
-    1        17.7-19.4   23.9   | 12.0        34.0   | 4.4-4.9     9.5
-    4        21.7-23.2   50.8   | 15.8-18.6   34.6   | 11.1-11.8   14.4
-    8        27.8-30.5   71.3   | 23.4-29.4   35.8   | 17.0-19.9   16.3
-    16       39.6-53.3   69.6   | 36.3-40.2   34.2   | 24.8-31.9   18.6
+    tokens   fp32 fused  layers | bf16 fused  on AMX  layers | int8 fused  layers
+    1        17.7-19.4   23.9   | 12.0-12.2   12.0    34.0   | 4.4-4.9     9.5
+    4-5      21.7-23.2   50.8   | 15.8-20.5   12.7    34.6   | 11.1-11.8   14.4
+    8        27.8-30.5   71.3   | 23.4-29.4   13.5    35.8   | 17.0-19.9   16.3
+    16       39.6-53.3   69.6   | 36.3-46.2   15.5    34.2   | 24.8-31.9   18.6
 
 (ms; fused: with the logits of the last token, then of all; layers: of all), so a step takes at most
-:data:`FUSED_MAX_TOKENS` and longer prompts run the layers.
+:func:`fused_max_tokens` and longer prompts run the layers. bf16 on a CPU with AMX (Sapphire Rapids and
+later) multiplies 2 to 16 tokens by tiles: each tile instruction 16 weight rows by 32 columns of every
+token, where ``vdpbf16ps`` does one row and one token; it sums in another order than the one-token step,
+so there the tokens' logits equal their own steps' up to rounding only.
 """
 
 from __future__ import annotations
@@ -322,8 +325,17 @@ def _fused_runs(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 # The most tokens a fused step takes, by its matrices' dtype: up to these it ran faster than GPT-2 124M's layers
-# (medians, 2 cores: fp32 16 tokens 40-53 ms, layers 70; bf16 8: 23-29 ms, layers 36; int8 4: 11-12 ms, layers 14).
+# (medians, 2 cores: fp32 16 tokens 40-53 ms, layers 70; bf16 8 without AMX: 23-29 ms, layers 36, and 16 with AMX
+# (the most a tile takes): ~20 ms; int8 4: 11-12 ms, layers 14).
 FUSED_MAX_TOKENS = {torch.float32: 16, torch.bfloat16: 8, torch.int8: 4}
+AMX_MAX_TOKENS = 16
+
+
+def fused_max_tokens(dtype: torch.dtype) -> int:
+    """The most tokens a fused step with matrices of ``dtype`` takes here (see :data:`FUSED_MAX_TOKENS`)."""
+    if dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported():
+        return AMX_MAX_TOKENS
+    return FUSED_MAX_TOKENS[dtype]
 
 
 class FusedDecodeStep:
@@ -336,7 +348,8 @@ class FusedDecodeStep:
     Several tokens (a short prompt, a prompt-lookup check) cost one read of the weights for all of them plus
     their arithmetic (each weight loaded once for up to 3 tokens), ~1.3 (fp32), ~2 (bf16) or ~1.9 ms (int8)
     a token more for GPT-2 124M on 2 cores, while the layers' matmuls cost about the same for any few tokens:
-    ``max_tokens`` is where the step stops being faster (see :data:`FUSED_MAX_TOKENS`).
+    ``max_tokens`` is where the step stops being faster (:func:`fused_max_tokens`). bf16 on a CPU with AMX
+    multiplies 2 to 16 tokens by tiles of 16 weight rows, at about the cost of one token.
 
     One call of ``gpt2lab::decode_token`` (``csrc/decode_token.cpp``) runs the whole step: the CPU
     threads start once and go through the blocks together, meeting where one needs another's
@@ -347,7 +360,7 @@ class FusedDecodeStep:
     def __init__(self, op: Callable[..., tuple[torch.Tensor, list[int]]], params: list[torch.Tensor],
                  scales: list[torch.Tensor], caches: list[torch.Tensor], eps: float):  # fmt: skip
         self.op, self.params, self.scales, self.caches, self.eps = op, params, scales, caches, eps
-        self.max_tokens = FUSED_MAX_TOKENS[params[-1].dtype]
+        self.max_tokens = fused_max_tokens(params[-1].dtype)
 
     def __call__(
         self, tokens: list[int], position: int, column: int, logit_rows: int = 1

@@ -4,7 +4,8 @@
 // and the id of each row's largest logit (greedy decoding's pick, found as the logits are written: torch's
 // max over 50257 logits takes ~80-130 us a token, ~1% of a bf16 step of GPT-2 124M). Several tokens (a
 // short prompt, a prompt-lookup check) share each load of a weight, up to 3 at a time, and each token's
-// arithmetic is the same as in a step of its own (the same logits and cache, bit for bit).
+// arithmetic is the same as in a step of its own (the same logits and cache, bit for bit); bf16 on a CPU
+// with AMX multiplies 2 to 16 tokens by tiles instead (see product), summing in another order.
 // params: wte, wpe, per block ln_1 (weight, bias), c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj (each
 // weight, bias), then ln_f (weight, bias) and lm_head's weight: fp32 or bf16, or fp32 with int8 matrices
 // and one fp32 scale per output channel of each matrix in `scales` (the same order).
@@ -27,9 +28,12 @@
 // Built at first use by torch.utils.cpp_extension (gpt2lab.kernels).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <cpuid.h>
 #include <immintrin.h>
 #include <omp.h>
+#include <sys/syscall.h>
 #include <torch/library.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -47,6 +51,7 @@ constexpr int64_t ROWS = 8;          // weight rows per pass: they share each lo
 constexpr int64_t CHUNK = 64;        // rows a thread takes of a product at a time (a multiple of ROWS)
 constexpr int64_t PER_BLOCK = 12;    // params per block, in the order the header lists
 constexpr int64_t MAX_TOKENS = 32;   // tokens a step (its products' sums for each kept on the stack)
+constexpr int64_t AMX_TOKENS = 16;   // tokens an AMX tile takes
 
 // Storage types: float (fp32) and uint16_t (bf16 bits, converted as c10::BFloat16 does: round to nearest even).
 inline float load(float v) { return v; }
@@ -59,7 +64,7 @@ template <typename T> inline float rounded(float f) { return load(store<T>(f)); 
 }  // namespace
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,fma,amx-tile,amx-bf16")
 
 namespace {
 
@@ -132,18 +137,92 @@ inline void rows_dot(const W* w, const T* x, int64_t n, int64_t in, float* out) 
   if (n - m == 1) rows_dot<N, 1>(w, x + m * in, in, out + m * CHUNK);
 }
 
+// Whether this CPU has AMX for bf16 and Linux lets this process use its tile registers (asked once).
+bool amx_ready() {
+  static const bool ready = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return false;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  }();
+  return ready;
+}
+
+struct alignas(64) TileConfig {  // LDTILECFG's 64 bytes
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: sums of 16 weight rows for n tokens (fp32); 4: the tokens (16 column pairs x n); 5: 16 weight rows.
+inline void configure_tiles(int64_t n) {
+  TileConfig cfg;
+  for (int i = 0; i < 5; ++i) cfg.rows[i] = 16, cfg.colsb[i] = static_cast<uint16_t>(n * 4);
+  cfg.rows[5] = 16, cfg.colsb[5] = 64;
+  _tile_loadconfig(&cfg);
+}
+
+// The n token rows of `in` bf16 values at x as AMX multiplies them: for each 32 columns, 16 rows (column
+// pairs) of each token's pair (n 32-bit values).
+inline void pack_tokens(const uint16_t* x, int64_t n, int64_t in, uint32_t* packed) {
+  const uint32_t* pairs = reinterpret_cast<const uint32_t*>(x);
+  for (int64_t p = 0; p < in / 2; ++p)
+    for (int64_t t = 0; t < n; ++t) packed[p * n + t] = pairs[t * (in / 2) + p];
+}
+
+// dots[t * CHUNK + r] = w[r] . x[t] for the 16 * tiles weight rows at w (tiles: 0 to 4), on AMX.
+inline void amx_rows(const uint16_t* w, int64_t in, const uint32_t* packed, int64_t n, int tiles, float* dots) {
+  if (tiles == 0) return;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int64_t stride = in * sizeof(uint16_t);
+  for (int64_t j = 0; j < in; j += 32) {  // tile numbers are immediates: one line a tile
+    _tile_loadd(4, packed + j / 2 * n, n * 4);
+    _tile_loadd(5, w + j, stride);
+    _tile_dpbf16ps(0, 5, 4);
+    if (tiles > 1) { _tile_loadd(5, w + 16 * in + j, stride); _tile_dpbf16ps(1, 5, 4); }
+    if (tiles > 2) { _tile_loadd(5, w + 32 * in + j, stride); _tile_dpbf16ps(2, 5, 4); }
+    if (tiles > 3) { _tile_loadd(5, w + 48 * in + j, stride); _tile_dpbf16ps(3, 5, 4); }
+  }
+  alignas(64) float sums[4][16][16];
+  _tile_stored(0, sums[0], 64);
+  if (tiles > 1) _tile_stored(1, sums[1], 64);
+  if (tiles > 2) _tile_stored(2, sums[2], 64);
+  if (tiles > 3) _tile_stored(3, sums[3], 64);
+  for (int q = 0; q < tiles; ++q)
+    for (int64_t r = 0; r < 16; ++r)
+      for (int64_t t = 0; t < n; ++t) dots[t * CHUNK + q * 16 + r] = sums[q][r][t];
+}
+
 // epilogue(begin, end, dots) for each chunk [begin, end) of rows this thread takes of the (rows, in) matrix
 // w, dots[m * CHUNK + o - begin] = w[o] . x[m] for each of the n input rows (times scale[o] for int8 weights).
 // The threads take chunks in turn from `next` (shared, from 0): a thread that runs slower (its core shared
 // with another process) does fewer rows instead of keeping the others waiting at the next barrier (with
 // halves fixed in advance, one of two threads here waited ~8% of a step).
+//
+// bf16 products of 2 to 16 tokens run on AMX where the CPU has it: each tile instruction multiplies 16 weight
+// rows by 32 columns of all the tokens (vdpbf16ps: 1 row, 32 columns, 1 token), so a check of 16 tokens costs
+// about what one token does (GPT-2 124M, bf16, 2 cores: 16 tokens ~20 ms with AMX, ~60 without; 1 token ~11).
 template <typename W, typename T, typename F>
 inline void product(const W* w, const T* x, int64_t n, const float* scale, int64_t rows, int64_t in,
                     std::atomic<int64_t>& next, F epilogue) {
   float dots[MAX_TOKENS * CHUNK];
+  const bool amx = std::is_same_v<W, uint16_t> && 2 <= n && n <= AMX_TOKENS && amx_ready();
+  static thread_local std::vector<uint32_t> packed;  // the tokens as AMX takes them
+  if (amx) {
+    configure_tiles(n);
+    packed.resize(in / 2 * n);
+    pack_tokens(reinterpret_cast<const uint16_t*>(x), n, in, packed.data());
+  }
   for (int64_t begin; (begin = next.fetch_add(CHUNK, std::memory_order_relaxed)) < rows;) {
     const int64_t end = std::min(rows, begin + CHUNK);
     int64_t o = begin;
+    if (amx) {  // the chunk's whole tiles of 16 rows (a chunk's last rows, if fewer, below)
+      const int tiles = (end - begin) / 16;
+      amx_rows(reinterpret_cast<const uint16_t*>(w) + begin * in, in, packed.data(), n, tiles, dots);
+      o += tiles * 16;
+    }
     for (; o + ROWS <= end; o += ROWS) rows_dot<ROWS>(w + o * in, x, n, in, dots + (o - begin));
     for (; o < end; ++o) rows_dot<1>(w + o * in, x, n, in, dots + (o - begin));
     if (scale != nullptr)
@@ -350,6 +429,7 @@ auto decode(const std::vector<Block<T, W>>& blocks, const T* wte, const T* wpe, 
         }
       }
     });
+    if (std::is_same_v<W, uint16_t> && n >= 2 && amx_ready()) _tile_release();
   }
   std::vector<int64_t> tops(logit_rows, -1);  // the threads' picks merged: the larger logit, the lower id of equal
   for (int64_t m = 0; m < logit_rows; ++m) {   // ones, a NaN first
