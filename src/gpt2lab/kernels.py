@@ -211,9 +211,9 @@ def decode_attention_op() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | 
 
 def decode_token_op() -> Callable[..., tuple[torch.Tensor, list[int]]] | None:
     """``gpt2lab::decode_token(params, scales, caches, tokens, position, column, logit_rows, eps) -> (logits
-    (logit_rows, vocab), id of each row's largest logit)``: one cached step of a whole GPT-2 over 1 to 32 tokens
-    of one sequence (``csrc/decode_token.cpp``; see :class:`FusedDecodeStep`). Built like :func:`bf16_addmv_op`; None
-    where it cannot be (logged once).
+    (logit_rows, vocab), id of each row's largest logit)``: one cached step of a whole GPT-2 over 1 to 32
+    tokens of one sequence (``csrc/decode_token.cpp``; see :class:`FusedDecodeStep`). Built like
+    :func:`bf16_addmv_op`; None where it cannot be (logged once).
     """
     with _BUILD_LOCK:
         return _load_decode_token()
@@ -326,7 +326,7 @@ def _fused_runs(dtype: torch.dtype, device: torch.device) -> bool:
 
 # The most tokens a fused step takes, by its matrices' dtype: up to these it ran faster than GPT-2 124M's layers
 # (medians, 2 cores: fp32 16 tokens 40-53 ms, layers 70; bf16 8 without AMX: 23-29 ms, layers 36, and 16 with AMX
-# (the most a tile takes): ~20 ms; int8 4: 11-12 ms, layers 14).
+# (the most a tile takes): ~16 ms; int8 4: 11-12 ms, layers 14).
 FUSED_MAX_TOKENS = {torch.float32: 16, torch.bfloat16: 8, torch.int8: 4}
 AMX_MAX_TOKENS = 16
 
