@@ -491,7 +491,7 @@ def test_fused_step_equals_the_layers_called_one_by_one(fused_step_kernel, dtype
             one_by_one, singles_cache = run(lambda: torch.cat(
                 [step([t], position + i, column + i)[0] for i, t in enumerate(tokens)], dim=1
             )[:, -logit_rows:])
-            if dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported() and 2 <= len(tokens) <= 16:
+            if dtype == torch.bfloat16 and torch.ops.gpt2lab.amx_ready() and 2 <= len(tokens) <= 16:
                 # an fp32 sum rounded to bf16 at every layer: one rounding flipped (2**-8) moves a logit more
                 torch.testing.assert_close(logits, one_by_one, rtol=2e-2, atol=5e-2)
                 for got, expected in zip(cache, singles_cache):

@@ -332,8 +332,10 @@ AMX_MAX_TOKENS = 16
 
 
 def fused_max_tokens(dtype: torch.dtype) -> int:
-    """The most tokens a fused step with matrices of ``dtype`` takes here (see :data:`FUSED_MAX_TOKENS`)."""
-    if dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported():
+    """The most tokens a fused step with matrices of ``dtype`` takes here (see :data:`FUSED_MAX_TOKENS`): bf16
+    takes :data:`AMX_MAX_TOKENS` where the kernel runs it on AMX (the CPU has it and Linux lets the process use
+    its tiles: ``gpt2lab::amx_ready``)."""
+    if dtype == torch.bfloat16 and decode_token_op() is not None and torch.ops.gpt2lab.amx_ready():
         return AMX_MAX_TOKENS
     return FUSED_MAX_TOKENS[dtype]
 

@@ -607,6 +607,7 @@ TORCH_LIBRARY_FRAGMENT(gpt2lab, m) {
   m.def("decode_token(Tensor[] params, Tensor[] scales, Tensor(a!)[] caches, int[] tokens, int position, int column, "
         "int logit_rows, float eps) -> (Tensor, int[])");
   m.def("matvecs(Tensor[] matrices, Tensor[] vectors, Tensor[] scales) -> Tensor[]");
+  m.def("amx_ready() -> bool", amx_ready);  // whether decode_token runs bf16 tokens on AMX here
 }
 TORCH_LIBRARY_IMPL(gpt2lab, CPU, m) {
   m.impl("decode_token", decode_token);
