@@ -454,11 +454,11 @@ def _lively_model(cfg: GPT2Config, dtype: torch.dtype, seed: int) -> GPT2:
 def test_fused_step_equals_the_layers_called_one_by_one(fused_step_kernel, dtype):
     """The fused step's logits and the keys and values it writes to the cache equal the model's own step
     from the same cache (up to float rounding): one token at the first column, in the middle and at the
-    last one, with a position id other than the column. Several tokens (1 to 3 a weight load, so 2, 4
-    and 17), with the logits of the last one or of all of them, give exactly what the same tokens give one
-    step each (bf16 on AMX, 2 to 16 tokens: up to rounding, its tiles sum in another order), and the
-    layers' logits in fp32 (in bf16 the layers' matmuls over several tokens round otherwise). Each row's
-    pick is torch's max."""
+    last one, with a position id other than the column. Several tokens (fp32: 6 or 3 a weight load, then
+    the rest: 2, 4 and 17), with the logits of the last one or of all of them, give exactly what the same
+    tokens give one step each (bf16 on AMX, 2 to 16 tokens: up to rounding, its tiles sum in another
+    order), and the layers' logits in fp32 (in bf16 the layers' matmuls over several tokens round
+    otherwise). Each row's pick is torch's max."""
     if dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
         pytest.skip("this CPU has no AVX512-BF16: bf16 decoding runs the model's layers one at a time")
     model = _lively_model(FUSED_CFG, dtype, seed=11)
@@ -705,14 +705,15 @@ def test_int8_fused_step_computes_with_the_int8_weights_and_fp32_inputs(fused_st
             mine.attn.kv_cache.kv.copy_(theirs.attn.kv_cache.kv)
         step = kernels.fused_decode_step(int8, batch_size=1)
         assert step is not None and all(m.dtype == torch.int8 for m in step.params[4:-2:12] + [step.params[-1]])
-        logits, tops = step([41, 7, 60], 5, 5, logit_rows=3)
+        tokens = [41, 7, 60, 3, 88, 12, 50]  # 6 a weight load, then 1
+        logits, tops = step(tokens, 5, 5, logit_rows=len(tokens))
         assert tops == logits.max(dim=-1).indices[0].tolist()
-        expected = ref(torch.tensor([[41, 7, 60]]), start=5)
+        expected = ref(torch.tensor([tokens]), start=5)
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
         for mine, theirs in zip(int8.h, ref.h):
             torch.testing.assert_close(mine.attn.kv_cache.kv, theirs.attn.kv_cache.kv, rtol=1e-4, atol=1e-4)
     ref.clear_cache()
     int8.clear_cache()
     out: list[list[int]] = []
-    assert _decode_token_calls(lambda: out.extend(generate(int8, prompt, 12))) == 11  # its 5-token prompt: the layers
+    assert _decode_token_calls(lambda: out.extend(generate(int8, prompt, 12))) == 12  # the prompt, then 11 steps
     assert out == generate(ref, prompt, 12)

@@ -10,7 +10,7 @@ sequence on a CPU with AVX-512 (fp32, or bf16 with AVX512-BF16) decodes each tok
 prompt with one call of gpt2lab's fused kernel (:func:`gpt2lab.kernels.fused_decode_step`), which
 runs the whole model's step at the pace its weights stream from memory, and so does a short prompt
 and each prompt-lookup check (up to ``FusedDecodeStep.max_tokens`` tokens: 16 in fp32 and in bf16
-on a CPU with AMX, 8 in bf16 without it, 4 in int8); the tokens are those of the layers called one
+on a CPU with AMX, 8 in bf16 without it and in int8); the tokens are those of the layers called one
 by one, up to float rounding (int8 layers of :mod:`gpt2lab.quantize`: on their int8 weights with
 fp32 activations). A model with other layers
 (LoRA) or with forward hooks decodes layer by layer, so that its layers and hooks run. Tokens
@@ -31,7 +31,7 @@ before, the (up to N) tokens that followed them are guessed, and one forward pas
 guesses checks them all. Decoding one token costs about as much as checking several (the
 time goes into reading the weights), so every guess that holds saves a step; with the fused
 step a check takes at most ``max_tokens - 1`` guesses (each costs its arithmetic: for GPT-2
-124M on 2 cores ~8% of a step in fp32, ~40% in int8, ~20% in bf16, ~2% in bf16 on AMX; past
+124M on 2 cores ~8% of a step in fp32, ~30-40% in int8, ~20% in bf16, ~2% in bf16 on AMX; past
 them the layers cost more than the guesses save). Each position is still sampled from the
 model's own distribution, in order, with one draw of the generator per new token, and a guess
 is kept only while it equals that token; the output therefore has exactly the distribution of

@@ -72,7 +72,9 @@ same logits and cache, bit for bit). Their arithmetic is not free on 2 cores (GP
     8        27.8-30.5   71.3   | 23.4-29.4   13.5    35.8   | 17.0-19.9   16.3
     16       39.6-53.3   69.6   | 36.3-46.2   15.5    34.2   | 24.8-31.9   18.6
 
-(ms; fused: with the logits of the last token, then of all; layers: of all), so a step takes at most
+(ms; fused: with the logits of the last token, then of all; layers: of all; since then fp32 and int8 weights
+are multiplied with 6 tokens a load, 4 rows at a time: int8 8 tokens 15-20% faster, 17.4-20.4 ms against the
+layers' 21.4 in one process on a slower hour, 1 token 9.0), so a step takes at most
 :func:`fused_max_tokens` and longer prompts run the layers. bf16 on a CPU with AMX (Sapphire Rapids and
 later) multiplies 2 to 16 tokens by tiles: each tile instruction 16 weight rows by 32 columns of every
 token, where ``vdpbf16ps`` does one row and one token; it sums in another order than the one-token step,
@@ -326,8 +328,8 @@ def _fused_runs(dtype: torch.dtype, device: torch.device) -> bool:
 
 # The most tokens a fused step takes, by its matrices' dtype: up to these it ran faster than GPT-2 124M's layers
 # (medians, 2 cores: fp32 16 tokens 40-53 ms, layers 70; bf16 8 without AMX: 23-29 ms, layers 36, and 16 with AMX
-# (the most a tile takes): ~16 ms; int8 4: 11-12 ms, layers 14).
-FUSED_MAX_TOKENS = {torch.float32: 16, torch.bfloat16: 8, torch.int8: 4}
+# (the most a tile takes): ~16 ms; int8 8, its weights widened once for 6 tokens: 17-20 ms, layers 21).
+FUSED_MAX_TOKENS = {torch.float32: 16, torch.bfloat16: 8, torch.int8: 8}
 AMX_MAX_TOKENS = 16
 
 

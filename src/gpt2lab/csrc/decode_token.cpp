@@ -128,10 +128,14 @@ inline void rows_dot(const uint16_t* w, const uint16_t* x, int64_t in, float* ou
 }
 
 // rows_dot for the N weight rows at w against the n input rows at x, up to 3 at a time (the 8 x 3 sums
-// fill 24 of the 32 vector registers).
+// fill 24 of the 32 vector registers); fp32 and int8 weights 4 rows against 6 inputs first (each int8
+// weight widened once for 6 of them: 8 int8 tokens 15-20% faster than 3 at a time, fp32 2-12%).
 template <int64_t N, typename W, typename T>
 inline void rows_dot(const W* w, const T* x, int64_t n, int64_t in, float* out) {
   int64_t m = 0;
+  if constexpr (N % 4 == 0 && !std::is_same_v<W, uint16_t>)
+    for (; m + 6 <= n; m += 6)
+      for (int64_t r = 0; r < N; r += 4) rows_dot<4, 6>(w + r * in, x + m * in, in, out + m * CHUNK + r);
   for (; m + 3 <= n; m += 3) rows_dot<N, 3>(w, x + m * in, in, out + m * CHUNK);
   if (n - m == 2) rows_dot<N, 2>(w, x + m * in, in, out + m * CHUNK);
   if (n - m == 1) rows_dot<N, 1>(w, x + m * in, in, out + m * CHUNK);
