@@ -420,8 +420,9 @@ auto decode(const std::vector<Block<T, W>>& blocks, const T* wte, const T* wpe, 
     }
     norm(ln_f_w, ln_f_b, first, a);
     // This thread's largest logit of each row (a thread's chunks come in rising ids: ties keep the first).
-    int64_t* mine = best.data() + t * logit_rows;
+    int64_t mine[MAX_TOKENS];
     float mine_value[MAX_TOKENS] = {};
+    std::fill_n(mine, logit_rows, -1);
     product(lm_head, a, logit_rows, lm_head_s, vocab, C, *chunks, [&](int64_t begin, int64_t end, const float* dots) {
       for (int64_t m = 0; m < logit_rows; ++m) {
         T* row = logits + m * vocab;
@@ -433,6 +434,7 @@ auto decode(const std::vector<Block<T, W>>& blocks, const T* wte, const T* wpe, 
         }
       }
     });
+    std::copy_n(mine, logit_rows, best.data() + t * logit_rows);
     if (std::is_same_v<W, uint16_t> && n >= 2 && amx_ready()) _tile_release();
   }
   std::vector<int64_t> tops(logit_rows, -1);  // the threads' picks merged: the larger logit, the lower id of equal
