@@ -63,7 +63,7 @@ Generating 200 tokens (``bench/generate.py``, 13 runs over two noisy days): fp32
 of the fastest single read, 79-97% / 81-97% of 200 reads in a row read just before (see the README).
 
 The same call runs several tokens of the sequence (a short prompt, a prompt-lookup check): each weight
-loaded is multiplied with up to 3 of them, and each token's arithmetic is that of a step of its own (the
+loaded is multiplied with 3 of them (fp32 and int8: 6), and each token's arithmetic is that of a step of its own (the
 same logits and cache, bit for bit). Their arithmetic is not free on 2 cores (GPT-2 124M, medians of 5-9):
 
     tokens   fp32 fused  layers | bf16 fused  on AMX  layers | int8 fused  layers
@@ -350,8 +350,8 @@ class FusedDecodeStep:
     the logits are ``model(torch.tensor([tokens]), pos=..., start=column)[:, -logit_rows:]`` up to float rounding.
 
     Several tokens (a short prompt, a prompt-lookup check) cost one read of the weights for all of them plus
-    their arithmetic (each weight loaded once for up to 3 tokens), ~1.3 (fp32), ~2 (bf16) or ~1.9 ms (int8)
-    a token more for GPT-2 124M on 2 cores, while the layers' matmuls cost about the same for any few tokens:
+    their arithmetic (each weight loaded once for 3 tokens, fp32 and int8 for 6), ~1.3 (fp32), ~2 (bf16) or
+    ~1.5-1.9 ms (int8) a token more for GPT-2 124M on 2 cores, while the layers' matmuls cost about the same for any few tokens:
     ``max_tokens`` is where the step stops being faster (:func:`fused_max_tokens`). bf16 on a CPU with AMX
     multiplies 2 to 16 tokens by tiles of 16 weight rows, at about the cost of one token.
 

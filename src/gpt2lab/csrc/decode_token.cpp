@@ -3,7 +3,7 @@
 // whole model in one call: the logits (logit_rows, vocab) of the tokens after the last logit_rows of them,
 // and the id of each row's largest logit (greedy decoding's pick, found as the logits are written: torch's
 // max over 50257 logits takes ~80-130 us a token, ~1% of a bf16 step of GPT-2 124M). Several tokens (a
-// short prompt, a prompt-lookup check) share each load of a weight, up to 3 at a time, and each token's
+// short prompt, a prompt-lookup check) share each load of a weight (3 or 6 at a time), and each token's
 // arithmetic is the same as in a step of its own (the same logits and cache, bit for bit); bf16 on a CPU
 // with AMX multiplies 2 to 16 tokens by tiles instead (see product), summing in another order.
 // params: wte, wpe, per block ln_1 (weight, bias), c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj (each
@@ -207,7 +207,7 @@ inline void amx_rows(const uint16_t* w, int64_t in, const uint32_t* packed, int6
 //
 // bf16 products of 2 to 16 tokens run on AMX where the CPU has it: each tile instruction multiplies 16 weight
 // rows by 32 columns of all the tokens (vdpbf16ps: 1 row, 32 columns, 1 token), so a check of 16 tokens costs
-// about what one token does (GPT-2 124M, bf16, 2 cores: 16 tokens ~20 ms with AMX, ~60 without; 1 token ~11).
+// about what one token does (GPT-2 124M, bf16, 2 cores: 16 tokens 15.5 ms with AMX, 46 without; 1 token 12).
 template <typename W, typename T, typename F>
 inline void product(const W* w, const T* x, int64_t n, const float* scale, int64_t rows, int64_t in,
                     std::atomic<int64_t>& next, F epilogue) {
@@ -435,6 +435,8 @@ auto decode(const std::vector<Block<T, W>>& blocks, const T* wte, const T* wpe, 
       }
     });
     std::copy_n(mine, logit_rows, best.data() + t * logit_rows);
+    // Once a step, not after each product: a release there made 8-16 bf16 tokens 2-4% slower (each product
+    // of 2 to 16 tokens, the lm_head's logit rows too, configures the tiles it needs).
     if (std::is_same_v<W, uint16_t> && n >= 2 && amx_ready()) _tile_release();
   }
   std::vector<int64_t> tops(logit_rows, -1);  // the threads' picks merged: the larger logit, the lower id of equal
