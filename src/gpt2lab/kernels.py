@@ -351,8 +351,8 @@ class FusedDecodeStep:
 
     Several tokens (a short prompt, a prompt-lookup check) cost one read of the weights for all of them plus
     their arithmetic (each weight loaded once for 3 tokens, fp32 and int8 for 6), ~1.3 (fp32), ~2 (bf16) or
-    ~1.5-1.9 ms (int8) a token more for GPT-2 124M on 2 cores, while the layers' matmuls cost about the same for any few tokens:
-    ``max_tokens`` is where the step stops being faster (:func:`fused_max_tokens`). bf16 on a CPU with AMX
+    ~1.5-1.9 ms (int8) a token more for GPT-2 124M on 2 cores, while the layers' matmuls cost about the same
+    for any few tokens: ``max_tokens`` is where the step stops being faster (:func:`fused_max_tokens`). bf16 on a CPU with AMX
     multiplies 2 to 16 tokens by tiles of 16 weight rows, at about the cost of one token.
 
     One call of ``gpt2lab::decode_token`` (``csrc/decode_token.cpp``) runs the whole step: the CPU
