@@ -180,19 +180,23 @@ def main() -> None:
         def run_ours(precision: str, decoding: str, k: int = n) -> list[int]:
             return generate(ours[precision], prompt, k, **decodings[decoding])[0]
 
-        def count_passes(precision: str, decoding: str) -> int:
-            """gpt2lab's forward passes for n tokens (fused steps and the layers' passes), counted in a run of
-            their own (untimed; greedy: the timed runs' tokens). A forward hook would count the layers' only,
-            and keep generation off the fused step."""
-            calls: list[int] = []
+        def count_passes(precision: str, decoding: str) -> tuple[int, float | None]:
+            """gpt2lab's forward passes for n tokens (fused steps and the layers' passes), and the share of
+            lm_head's rows its fused steps read whole (its int8 screen ruled the others out; None: no step
+            screened), counted in a run of their own (untimed; greedy: the timed runs' tokens). A forward hook
+            would count the layers' passes only, and keep generation off the fused step."""
+            calls: list[Any] = []  # each pass's FusedDecodeStep or model
 
             def counted(fn: Callable[..., Any]) -> Callable[..., Any]:
-                return lambda *args, **kwargs: (calls.append(1), fn(*args, **kwargs))[1]
+                return lambda self, *args, **kwargs: (calls.append(self), fn(self, *args, **kwargs))[1]
 
             with (mock.patch.object(FusedDecodeStep, "__call__", counted(FusedDecodeStep.__call__)),
                   mock.patch.object(GPT2, "forward", counted(GPT2.forward))):  # fmt: skip
                 run_ours(precision, decoding)
-            return len(calls)
+            steps = {id(c): c for c in calls if isinstance(c, FusedDecodeStep) and c.screened}.values()
+            rows_read = sum(s.rows_read for s in steps) / sum(s.screened for s in steps) if steps else None
+            passes = len(calls) if "prompt_lookup" in decodings[decoding] else n  # (compiled steps: not calls)
+            return passes, rows_read and rows_read / vocab_size
 
         def run_hf(precision: str, decoding: str, k: int = n) -> list[int]:
             lookup = decodings[decoding].get("prompt_lookup")
@@ -228,7 +232,7 @@ def main() -> None:
             # gpt2lab's plain and compiled runs: (floor, sustained floor) read just before each (see below)
             before: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
             tokens: dict[tuple[str, str, str], list[int]] = {}
-            ours_passes: dict[tuple[str, str], int] = {}
+            ours_passes: dict[tuple[str, str], tuple[int, float | None]] = {}  # and the share of lm_head read
             for _ in range(args.repeats):
                 for key, fn in variants.items():
                     fn(WARM_TOKENS)  # untimed: see WARM_TOKENS
@@ -245,7 +249,7 @@ def main() -> None:
                     times[key].append(seconds)
             for key in variants:
                 if key[0] == "gpt2lab":  # plain and compiled: the prefill, then n - 1 steps
-                    ours_passes[key[1:]] = count_passes(*key[1:]) if "prompt_lookup" in decodings[key[2]] else n
+                    ours_passes[key[1:]] = count_passes(*key[1:])
             for worker in workers.values():
                 worker.close()
         for key, reads in before.items():
@@ -264,7 +268,7 @@ def main() -> None:
                 out = tokens["gpt2lab", precision, decoding]
                 hf_out = tokens.get(("transformers", precision, "plain"))
                 same = f"{same_prefix(out, hf_out)}/{n}" if hf_out else "-"
-                rows.append((text, precision, decoding, ours_tps, hf_tps, hf_plain, ours_passes[precision, decoding],
+                rows.append((text, precision, decoding, ours_tps, hf_tps, hf_plain, *ours_passes[precision, decoding],
                              same, len(set(out))))  # fmt: skip
         if reference is not None:
             ids = torch.cat([prompt, torch.tensor([reference])], dim=1)[:, :-1]  # the text fp32 predicted
@@ -282,7 +286,7 @@ def main() -> None:
     print("\n| text | precision | decoding | gpt2lab tok/s | transformers tok/s | ratio | vs transformers plain "
           "| gpt2lab passes | same greedy tokens | distinct tokens |")  # fmt: skip
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for text, precision, decoding, ours_tps, hf_tps, hf_plain, n_passes, same, distinct in rows:
+    for text, precision, decoding, ours_tps, hf_tps, hf_plain, n_passes, _, same, distinct in rows:
         hf = f"{hf_tps:.1f} | {ours_tps / hf_tps:.2f}x | {ours_tps / hf_plain:.2f}x" if hf_tps else "- | - | -"
         print(f"| {text} | {precision} | {decoding} | {ours_tps:.1f} | {hf} | {n_passes} | {same} | {distinct} |")
     print("\nPlain decoding, every engine (same greedy tokens: before the first difference from gpt2lab fp32's):\n")
@@ -300,17 +304,22 @@ def main() -> None:
               "linear_dynamic), in bf16 gpt2lab's matrix-vector kernel, or the products of gpt2lab's fused decoding "
               "step alone, all in one call: whichever reads fastest; the fastest of 4 reads, each way warmed by "
               f"{WARM_TOKENS} reads first, just before each of gpt2lab's timed runs): no plain decoder of batch 1 "
-              f"passes 1 / floor (memory bandwidth). Sustained: the fastest way then read {n} times in a row (a "
-              f"read's mean), the floor under decoding {n} tokens as the decoders run (the fastest single read is a "
-              "burst that a shared machine's memory need not sustain). Medians over the runs, of the floors and of "
-              "each run's share of the floors read before it. Prompt lookup reads the weights once per guess "
-              "set.\n")  # fmt: skip
-        print("| text | precision | decoding | gpt2lab tok/s | floor ms | share of the floor | sustained ms "
-              "| share of sustained |")  # fmt: skip
-        print("|---|---|---|---:|---:|---:|---:|---:|")
-        rates = {(r[0], r[1], r[2]): r[3] for r in rows}
+              "that reads every weight passes 1 / floor (memory bandwidth). Sustained: the fastest way then read "
+              f"{n} times in a row (a read's mean), the floor under decoding {n} tokens as the decoders run (the "
+              "fastest single read is a burst that a shared machine's memory need not sustain). Medians over the "
+              "runs, of the floors and of each run's share of the floors read before it. Prompt lookup reads the "
+              "weights once per guess set. gpt2lab's fused steps read lm_head whole (fp32, bf16) only for the "
+              "rows its int8 screen cannot rule out of greedy decoding's pick (lm_head read: the share of its "
+              "rows, each token; 31% of 124M's matrices are lm_head), and 1 byte a weight for the screen: so "
+              "they can pass 1 / floor.\n")  # fmt: skip
+        print("| text | precision | decoding | gpt2lab tok/s | lm_head read | floor ms | share of the floor "
+              "| sustained ms | share of sustained |")  # fmt: skip
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+        ours_rows = {(r[0], r[1], r[2]): r for r in rows}
         for (text, precision, decoding), ((floor, share), (sustained, of_sustained)) in floors.items():
-            print(f"| {text} | {precision} | {decoding} | {rates[text, precision, decoding]:.1f} | {floor * 1e3:.1f} "
+            row = ours_rows[text, precision, decoding]
+            read = "100%" if row[7] is None else f"{row[7]:.3%}"
+            print(f"| {text} | {precision} | {decoding} | {row[3]:.1f} | {read} | {floor * 1e3:.1f} "
                   f"| {share:.0%} | {sustained * 1e3:.1f} | {of_sustained:.0%} |")
 
 

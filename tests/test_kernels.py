@@ -618,6 +618,134 @@ def test_fused_steps_pick_is_torchs_max_with_ties_and_nans(fused_step_kernel, dt
     model.clear_cache()
 
 
+SCREEN_CFG = GPT2Config(vocab_size=5000, n_ctx=24, n_embd=64, n_layer=1, n_head=4)  # 3 scans of 2048 ids
+
+
+def test_lm_head_screen_bounds_every_logit():
+    """The screen's rows are within r2 (|.|_2) and r1 (max) of lm_head's, so a logit is within r2 |h|_2 and
+    r1 |h|_1 of the screen's; rows with a NaN or an infinity get no screen."""
+    generator = torch.Generator().manual_seed(21)
+    weight = torch.randn(300, 64, generator=generator) * torch.rand(300, 1, generator=generator)
+    weight[7] = 0.0  # a zero row
+    q, scale, r2, r1 = kernels.lm_head_screen(weight)
+    assert q.dtype == torch.int8 and q.abs().amax(dim=1)[8:].eq(127).all()
+    error = weight.double() - q.double() * scale.double()[:, None]
+    assert (error.norm(dim=1) <= r2).all() and (error.abs().amax(dim=1) <= r1).all() and r2[7] == 0
+    h = torch.randn(64, generator=generator).double() * 30
+    gap = (weight.double() @ h - (q.double() @ h) * scale.double()).abs()
+    assert (gap <= torch.minimum(r2 * h.norm(), r1 * h.abs().sum())).all()
+    weight[3, 5] = float("nan")
+    assert kernels.lm_head_screen(weight) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_screened_step_gives_the_picks_and_largest_logits_of_the_whole_product(fused_step_kernel, dtype):
+    """With ``keep``, the fused step reads lm_head whole only for the rows an int8 screen cannot rule out of
+    each row's ``keep`` largest logits: those logits are the whole product's bit for bit, the others -inf,
+    and the picks and the ``keep`` largest are the same, also where rows differ by less than int8 can tell
+    (near-copies of the best row) or are equal (the lowest id wins), for one token and several."""
+    if dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
+        pytest.skip("this CPU has no AVX512-BF16: bf16 decoding runs the model's layers one at a time")
+    model = _lively_model(SCREEN_CFG, torch.float32, seed=15)
+    model.lm_head.weight = nn.Parameter(torch.randn(SCREEN_CFG.vocab_size, SCREEN_CFG.n_embd) * 0.15)
+    model = model.to(dtype)
+    tokens = [5, 17, 3, 60, 2, 9, 40]
+    with torch.inference_mode():
+        model.setup_cache(1, SCREEN_CFG.n_ctx)
+        step = kernels.fused_decode_step(model, batch_size=1)
+        assert step is not None
+        full, full_tops = step(tokens, 0, 0, logit_rows=7)
+        best = int(full[0, -1].float().argmax())
+        head = model.lm_head.weight.data
+        for i, scale in ((4100, 1 + 2**-7), (150, 1 - 2**-7), (2500, 1.0), (3000, 1.0)):
+            head[i] = head[best] * scale  # a little larger, a little smaller, equal (twice: later ids)
+        for keep in (1, 5, 50):
+            for n, rows in ((1, 1), (7, 1), (7, 7)):
+                full, full_tops = step(tokens[:n], 0, 0, logit_rows=rows)
+                logits, tops = step(tokens[:n], 0, 0, logit_rows=rows, keep=keep)
+                kept = logits.float().isfinite()
+                assert tops == full_tops == full.max(dim=-1).indices[0].tolist()
+                assert torch.equal(logits[kept], full[kept]) and (logits[~kept].float() == float("-inf")).all()
+                assert torch.equal(logits.float().topk(keep).values, full.float().topk(keep).values)
+                assert kept.sum() < rows * SCREEN_CFG.vocab_size / 20, "the screen ruled out few rows"
+        assert full_tops[-1] == 4100
+    model.clear_cache()
+
+
+def test_screen_keeps_a_best_row_that_int8_underrates_by_nearly_its_whole_margin(fused_step_kernel):
+    """Two rows whose int8 copies err by almost all their bound, the other way each: the best row's screen value
+    0.95 |h|_1 s below the other's (s: the int8 step), its logit above. The screen keeps it."""
+    C = SCREEN_CFG.n_embd
+    model = _lively_model(SCREEN_CFG, torch.float32, seed=18)
+    generator = torch.Generator().manual_seed(19)
+    h = torch.randn(C, generator=generator)
+    with torch.no_grad():
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.copy_(h)  # the last hidden state is h, whatever the token
+    sign = h.sign()
+    sign[0] = 0.0  # column 0 holds each row's largest value, 127 steps exactly
+    z = torch.randint(-100, 101, (C,), generator=generator).float()
+    z[0] = 127.0
+    by_size = h.abs().argsort(descending=True)
+    share = by_size[: int((h.abs()[by_size].cumsum(0) < 0.95 * h.abs().sum()).sum()) + 1]  # 95% of |h|_1
+    up = torch.zeros(C)
+    up[share] = sign[share]
+    step_size = 0.01
+    head = torch.randn(SCREEN_CFG.vocab_size, C, generator=generator) * 0.001
+    head[900] = step_size * (z + up - 0.49 * sign)  # int8: z + up, 0.49 s |h|_1 above its logit
+    head[3100] = step_size * (z + 0.49 * sign)  # int8: z, 0.49 s |h|_1 below its logit: the best row
+    model.lm_head.weight = nn.Parameter(head)
+    with torch.inference_mode():
+        model.setup_cache(1, SCREEN_CFG.n_ctx)
+        step = kernels.fused_decode_step(model, batch_size=1)
+        logits, tops = step([3], 0, 0)
+        assert tops == [3100] and logits[0, 0, 3100] > logits[0, 0, 900]
+        assert step([3], 0, 0, keep=1)[1] == [3100]
+    model.clear_cache()
+
+
+@pytest.mark.parametrize("sampling", [{}, {"prompt_lookup": 3}, {"temperature": 1.0, "top_k": 20},
+                                      {"temperature": 0.8, "top_k": 40, "top_p": 0.9}])  # fmt: skip
+def test_generation_screens_lm_head_and_gives_the_same_tokens(fused_step_kernel, sampling, monkeypatch):
+    """Greedy decoding (prompt lookup's checks too) and top-k sampling read few of lm_head's rows whole, and
+    give the tokens they give reading all of them (a seed: the same draws)."""
+    model = _lively_model(SCREEN_CFG, torch.float32, seed=17)
+    prompt, n = [[5, 17, 3, 5, 17]], 40
+    steps: list[kernels.FusedDecodeStep] = []
+    make = kernels.FusedDecodeStep.__init__
+    monkeypatch.setattr(kernels.FusedDecodeStep, "__init__",
+                        lambda self, *args: (make(self, *args), steps.append(self))[0])  # fmt: skip
+
+    def run() -> list[list[int]]:
+        return generate(model, prompt, n, generator=torch.Generator().manual_seed(0), **sampling)
+
+    screened = run()
+    assert 0 < steps[0].rows_read < steps[0].screened * SCREEN_CFG.vocab_size / 20
+    monkeypatch.setattr(kernels, "_screen_of", lambda weight: [])
+    assert screened == run() and steps[1].screened == 0
+
+
+def test_screened_step_reads_lm_head_whole_where_the_screen_does_not_pay_or_cannot_bound(fused_step_kernel, caplog):
+    """Where the screen keeps most rows (an lm_head of near-copies of one row), the step stops screening after
+    ``SCREEN_TRIAL`` logit rows; a NaN in the hidden state (no bound holds) reads every row, as without it."""
+    model = _lively_model(SCREEN_CFG, torch.float32, seed=16)
+    base = torch.randn(SCREEN_CFG.n_embd)
+    model.lm_head.weight = nn.Parameter(base + 1e-4 * torch.randn(SCREEN_CFG.vocab_size, SCREEN_CFG.n_embd))
+    with torch.inference_mode(), caplog.at_level(logging.INFO, logger="gpt2lab.kernels"):
+        model.setup_cache(1, SCREEN_CFG.n_ctx)
+        step = kernels.fused_decode_step(model, batch_size=1)
+        for i in range(kernels.SCREEN_TRIAL):
+            assert step.screening
+            full = step([i], i, i)
+            assert step([i], i, i, keep=1)[1] == full[1]
+        assert not step.screening and "kept 100% of its rows in 16 steps" in caplog.text
+        model.ln_f.weight.data[3] = float("nan")
+        step = kernels.fused_decode_step(model, batch_size=1)
+        logits, tops = step([4], 0, 0, keep=1)
+        assert tops == [int(logits[0, 0].isnan().nonzero()[0])] and step.rows_read == SCREEN_CFG.vocab_size
+    model.clear_cache()
+
+
 def test_fused_step_kernel_names_bad_inputs(fused_step_kernel):
     model = GPT2(FUSED_CFG).eval()
     model.setup_cache(1, 8)
@@ -636,12 +764,19 @@ def test_fused_step_kernel_names_bad_inputs(fused_step_kernel):
         with pytest.raises(RuntimeError, match="got 2 tokens and 3 logit rows"):
             step([3, 4], 0, 0, logit_rows=3)
         with pytest.raises(RuntimeError, match="12 tensors a block"):
-            fused_step_kernel(step.params[:-1], step.scales, step.caches, [3], 0, 0, 1, 1e-5)
+            fused_step_kernel(step.params[:-1], step.scales, step.caches, [3], 0, 0, 1, 1e-5, [], 0)
         with pytest.raises(RuntimeError, match="no scales for float matrices expected, got 1 for 9 matrices"):
-            fused_step_kernel(step.params, [torch.ones(96)], step.caches, [3], 0, 0, 1, 1e-5)
+            fused_step_kernel(step.params, [torch.ones(96)], step.caches, [3], 0, 0, 1, 1e-5, [], 0)
         int8 = [p.to(torch.int8) if p.dim() == 2 and i > 1 else p for i, p in enumerate(step.params)]
         with pytest.raises(RuntimeError, match="one scale vector per int8 matrix expected, got 0 for 9 matrices"):
-            fused_step_kernel(int8, [], step.caches, [3], 0, 0, 1, 1e-5)
+            fused_step_kernel(int8, [], step.caches, [3], 0, 0, 1, 1e-5, [], 0)
+        screen = kernels.lm_head_screen(step.params[-1])
+        with pytest.raises(RuntimeError, match="keep 0 \\(all logits\\) to 96 expected, got 97"):
+            fused_step_kernel(step.params, [], step.caches, [3], 0, 0, 1, 1e-5, screen, 97)
+        with pytest.raises(RuntimeError, match="keep 1 needs lm_head's screen .* got 0 screen tensors"):
+            fused_step_kernel(step.params, [], step.caches, [3], 0, 0, 1, 1e-5, [], 1)
+        with pytest.raises(RuntimeError, match=r"screen of int8 \(\[96, 64\]\) and 3 fp32 \(96,\) .*Float \[95\]"):
+            fused_step_kernel(step.params, [], step.caches, [3], 0, 0, 1, 1e-5, [*screen[:3], screen[3][:-1]], 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -131,6 +131,13 @@ def _greedy(temperature: float, top_k: int | None) -> bool:
     return temperature == 0 or top_k == 1
 
 
+def _kept(temperature: float, top_k: int | None, top_p: float | None, vocab_size: int) -> int:
+    """How many of each row's largest logits :func:`sample` looks at (0: all of them)."""
+    if _greedy(temperature, top_k):
+        return 1
+    return top_k if top_k is not None and top_k < vocab_size else 0
+
+
 def sample(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -208,9 +215,15 @@ class _Decoder:
     """
 
     def __init__(
-        self, model: GPT2, rows: list[list[int]], max_new_tokens: int, compiled: Callable[..., torch.Tensor] | None
+        self,
+        model: GPT2,
+        rows: list[list[int]],
+        max_new_tokens: int,
+        compiled: Callable[..., torch.Tensor] | None,
+        keep: int = 0,
     ):
         cfg = model.config
+        self.keep = keep  # the fused step computes only the logits that may be among each row's keep largest
         self.model = model
         self.compiled = compiled
         self.window = max(cfg.n_ctx // 2, 1)
@@ -259,7 +272,7 @@ class _Decoder:
         """Run the ``width`` context columns from cache position 0; logits (B, 1, vocab_size) of the last one."""
         T = self.width
         if self.fused is not None and T <= self.fused.max_tokens:  # one sequence, never padded
-            logits, self.tops = self.fused(self.host[0][0, :T].tolist(), 0, 0)
+            logits, self.tops = self.fused(self.host[0][0, :T].tolist(), 0, 0, keep=self.keep)
             self.length, self.next_pos[0, 0] = T, T
             return logits
         valid = self.valid[:, :T]
@@ -285,7 +298,7 @@ class _Decoder:
             tokens, valid, next_pos = self.host
             fed = [*ids, *draft]
             tokens[0, col : col + T], valid[0, col : col + T] = fed, True
-            logits, self.tops = self.fused(fed, int(next_pos[0, 0]), col, logit_rows=T)
+            logits, self.tops = self.fused(fed, int(next_pos[0, 0]), col, logit_rows=T, keep=self.keep)
             self.length, next_pos[0, 0] = col + T, next_pos[0, 0] + T
             return logits
         device = self.tokens.device
@@ -403,7 +416,7 @@ def _stream(
     if max_new_tokens == 0:
         return
     with _decoding(model):
-        dec = _Decoder(model, rows, max_new_tokens, compiled)
+        dec = _Decoder(model, rows, max_new_tokens, compiled, _kept(*sampling, model.config.vocab_size))
         history = list(rows[0]) if prompt_lookup else []  # the text prompt lookup searches
         finished = [False] * len(rows)
         logits, draft = dec.prefill(), []  # logits (B, 1 + len(draft), V)

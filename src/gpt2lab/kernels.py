@@ -88,6 +88,7 @@ import functools
 import logging
 import subprocess
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -342,6 +343,52 @@ def fused_max_tokens(dtype: torch.dtype) -> int:
     return FUSED_MAX_TOKENS[dtype]
 
 
+def lm_head_screen(weight: torch.Tensor) -> list[torch.Tensor]:
+    """The screen of an fp32 or bf16 lm_head ``weight`` (vocab, C) that lets a fused step read it whole only
+    for the logits that may be among the largest (see ``Screen`` in ``csrc/decode_token.cpp``): ``[q (vocab, C)
+    int8, scale, r2, r1 (vocab,) fp32]``, each row ``w ~ scale * q`` (its largest value 127) with ``r2 >= |w -
+    scale q|_2`` and ``r1 >= max |w - scale q|``, grown by what the kernel's fp32 sums of a row (w's and the
+    screen's) may round. [] for a matrix with a NaN or an
+    infinity (no bound holds). Kept for each matrix and its version (:func:`_screen_of`): ~vocab * C bytes.
+    """
+    w = weight.detach().double()  # (vocab, C): every sum below exact enough, the errors bounded from above
+    if not torch.isfinite(w).all():
+        return []
+    largest = w.abs().amax(dim=1)  # (vocab,)
+    scale = (largest / 127).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # (vocab,) as the kernel multiplies it
+    q = torch.round(w / scale.double()[:, None]).clamp(-127, 127)  # (vocab, C)
+    error = w - q * scale.double()[:, None]  # (vocab, C), exact
+    # Of each sum's absolute terms, what the kernel's fp32 sums may round: C/16 + 5 roundings of 2^-24 each (16 lanes
+    # of C/16 fused multiply-adds or vdpbf16ps halves, 4 to add the lanes, the screen's scale), doubled.
+    rounding = 2 * (w.shape[1] // 16 + 6) * 2.0**-24
+    r2 = error.norm(dim=1) + rounding * (2 * w.norm(dim=1) + error.norm(dim=1))
+    r1 = error.abs().amax(dim=1) + rounding * (2 * largest + error.abs().amax(dim=1))
+    up = 1 + 2.0**-20  # rounded to fp32 from above
+    return [q.to(torch.int8).contiguous(), scale.contiguous(), (r2 * up).float(), (r1 * up).float()]
+
+
+_SCREENS: dict[int, tuple[weakref.ref, int, list[torch.Tensor]]] = {}  # id(weight) -> (weight, version, screen)
+
+
+def _screen_of(weight: torch.Tensor) -> list[torch.Tensor]:
+    """:func:`lm_head_screen` of ``weight``, made once for each matrix and version (a decoding run
+    makes a step; quantizing 124M's lm_head takes ~0.3 s); dropped with the matrix."""
+    key = id(weight)
+    kept = _SCREENS.get(key)
+    if kept is not None and kept[0]() is weight and kept[1] == weight._version:
+        return kept[2]
+    screen = lm_head_screen(weight)
+    _SCREENS[key] = (weakref.ref(weight, lambda _: _SCREENS.pop(key, None)), weight._version, screen)
+    return screen
+
+
+# A fused step reads lm_head whole again after SCREEN_TRIAL logit rows in which its int8 screen kept more than
+# SCREEN_PAYS of the rows (then the screen costs more than it saves: it reads half of bf16's bytes, a quarter of
+# fp32's).
+SCREEN_TRIAL, SCREEN_PAYS = 16, 0.4
+
+
 class FusedDecodeStep:
     """``step(tokens, position, column, logit_rows=1)``: logits (1, logit_rows, vocab_size) of the tokens after
     the last ``logit_rows`` of ``tokens`` (ids, at most :attr:`max_tokens`) at position ids ``position``, ``position
@@ -365,11 +412,24 @@ class FusedDecodeStep:
                  scales: list[torch.Tensor], caches: list[torch.Tensor], eps: float):  # fmt: skip
         self.op, self.params, self.scales, self.caches, self.eps = op, params, scales, caches, eps
         self.max_tokens = fused_max_tokens(params[-1].dtype)
+        self.screening = not scales  # int8 matrices: lm_head is read at 1 byte a weight already
+        self.screened = self.rows_read = 0  # logit rows screened so far, and lm_head rows read whole for them
 
     def __call__(
-        self, tokens: list[int], position: int, column: int, logit_rows: int = 1
+        self, tokens: list[int], position: int, column: int, logit_rows: int = 1, keep: int = 0
     ) -> tuple[torch.Tensor, list[int]]:
-        logits, tops = self.op(self.params, self.scales, self.caches, tokens, position, column, logit_rows, self.eps)
+        """``keep`` > 0: only the logits that may be among the ``keep`` largest of each row are computed, the
+        others are -inf; the picks and the logits computed are those of ``keep=0``, bit for bit."""
+        screen = _screen_of(self.params[-1]) if keep and self.screening else []
+        logits, tops, read = self.op(self.params, self.scales, self.caches, tokens, position, column, logit_rows,
+                                     self.eps, screen, keep if screen else 0)  # fmt: skip
+        if screen:
+            self.screened, self.rows_read = self.screened + logit_rows, self.rows_read + read
+            vocab = self.params[-1].shape[0]
+            if self.screened >= SCREEN_TRIAL and self.rows_read > self.screened * vocab * SCREEN_PAYS:
+                log.info("lm_head's int8 screen kept %.0f%% of its rows in %d steps: this run reads them all",
+                         100 * self.rows_read / (self.screened * vocab), self.screened)  # fmt: skip
+                self.screening = False
         return logits.view(1, logit_rows, -1), tops
 
 

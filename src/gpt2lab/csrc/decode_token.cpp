@@ -357,6 +357,83 @@ inline void attend(const T* qkv, T* kv, int64_t h, int64_t n_head, int64_t max_l
   }
 }
 
+constexpr int64_t SCAN = 2048;  // ids a thread takes at a time when it looks for a screened step's candidates
+
+// Greedy decoding needs the largest logit of each row and top-k sampling the k largest, not all 50257:
+// an int8 copy of lm_head's matrix bounds every logit first, and only the rows whose logit may be among
+// the keep largest are read whole, the others are -inf (GPT-2 124M: 39 MB read instead of 77 (bf16) or 154
+// (fp32), plus a few rows). Per row o of lm_head (w, as gpt2lab.kernels.lm_head_screen makes them): q[o] and
+// scale[o] with w ~ scale q (int8, the row's largest value 127), r2[o] >= |w - scale q|_2 and r1[o] >=
+// max |w - scale q|, each grown by what both fp32 sums may round (C/16 + 5 roundings of each term, doubled),
+// so that |logit - scale (q . h)| <= min(r2 |h|_2, r1 |h|_1) (Cauchy-Schwarz,
+// Hoelder) for the logit as the step computes it: the picks and the logits kept are those of the whole
+// product, bit for bit (the kept rows run the arithmetic of the whole product's one-token rows).
+struct Screen {
+  const int8_t* q = nullptr;
+  const float *scale = nullptr, *r2 = nullptr, *r1 = nullptr;
+};
+
+struct Bounds {  // a screened step's, shared by its threads
+  Bounds(int64_t threads, int64_t rows, int64_t vocab, int64_t C, int64_t keep)
+      : upper(threads ? rows * vocab : 0), lower(threads && keep > 1 ? rows * vocab : 0),
+        largest(threads * rows), cut(rows), wide(threads * rows * C), keep(keep) {}
+  std::vector<float> upper, lower;  // (rows, vocab): each logit's upper and (keep > 1) lower bound
+  std::vector<float> largest;       // (threads, rows): each thread's largest lower bound of each row
+  std::vector<float> cut;           // (rows,): the keep-th largest lower bound of each row (keep > 1)
+  std::vector<float> wide;          // (threads, rows, C): each thread's fp32 copy of the rows it screens
+  int64_t keep;
+};
+
+// The screen's product for the `rows` rows of h (fp32: exact copies of bf16), the bounds of every logit,
+// and each row's cut: the keep-th largest lower bound, no logit above which can be missing from the keep
+// largest. Called by every thread (t) of the step, with a barrier or two; false for all of them where
+// a bound is not finite (a NaN or an infinity in h): the step then reads lm_head whole.
+inline bool screen_rows(const Screen& s, const float* h, int64_t rows, int64_t vocab, int64_t C, int64_t t,
+                        std::atomic<int64_t>& next, Bounds& b, float* cut) {
+  const float inf = std::numeric_limits<float>::infinity();
+  float norm2[MAX_TOKENS], norm1[MAX_TOKENS], largest[MAX_TOKENS];
+  bool finite = true;
+  for (int64_t m = 0; m < rows; ++m) {
+    float squares = 0.0f, sum = 0.0f;
+    for (int64_t i = 0; i < C; ++i) squares += h[m * C + i] * h[m * C + i], sum += std::abs(h[m * C + i]);
+    // grown past what C fp32 sums round (C u < 2^-10 for C < 2^14)
+    norm2[m] = std::sqrt(squares) * (1.0f + 0x1p-10f), norm1[m] = sum * (1.0f + 0x1p-10f), largest[m] = -inf;
+    finite = finite && std::isfinite(norm2[m]) && std::isfinite(norm1[m]);
+  }
+  if (!finite) return false;  // the same h in every thread: all of them return here
+  product(s.q, h, rows, s.scale, vocab, C, next, [&](int64_t begin, int64_t end, const float* dots) {
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t o = begin; o < end; ++o) {
+        const float approx = dots[m * CHUNK + o - begin];  // and what adding the margin may round, + FTZ's
+        const float margin = std::min(norm2[m] * s.r2[o], norm1[m] * s.r1[o]) + std::abs(approx) * 0x1p-20f + 1e-30f;
+        const float low = approx - margin;
+        b.upper[m * vocab + o] = approx + margin;
+        if (b.keep > 1) b.lower[m * vocab + o] = std::isnan(low) ? -inf : low;
+        largest[m] = std::max(largest[m], low);  // (a NaN is no larger)
+      }
+  });
+  std::copy_n(largest, rows, b.largest.data() + t * rows);
+#pragma omp barrier
+  const int64_t threads = b.largest.size() / rows;
+  if (b.keep > 1) {
+    std::vector<float> lower(vocab);
+    for (int64_t m = t; m < rows; m += threads) {
+      std::copy_n(b.lower.data() + m * vocab, vocab, lower.data());
+      std::nth_element(lower.begin(), lower.begin() + b.keep - 1, lower.end(), std::greater<float>());
+      b.cut[m] = lower[b.keep - 1];
+    }
+#pragma omp barrier
+  }
+  for (int64_t m = 0; m < rows; ++m) {
+    cut[m] = -inf;
+    if (b.keep > 1) cut[m] = b.cut[m];
+    else
+      for (int64_t u = 0; u < threads; ++u) cut[m] = std::max(cut[m], b.largest[u * rows + m]);
+    finite = finite && std::isfinite(cut[m]);
+  }
+  return finite;
+}
+
 // Runs tokens[0..n) at positions position.. and cache columns column..; writes the logits of the last
 // `logit_rows` of them to logits (logit_rows, vocab) and returns the id of each one's largest logit (the
 // lowest id among equal ones, a NaN above any number, as torch's max).
@@ -364,12 +441,16 @@ template <typename T, typename W>
 auto decode(const std::vector<Block<T, W>>& blocks, const T* wte, const T* wpe, const T* ln_f_w, const T* ln_f_b,
             const W* lm_head, const float* lm_head_s, int64_t vocab, int64_t C, int64_t n_head, int64_t max_len,
             const std::vector<int64_t>& tokens, int64_t position, int64_t column, int64_t logit_rows, float eps,
-            T* logits) -> std::vector<int64_t> {
+            const Screen& screen, int64_t keep, T* logits, int64_t& read) -> std::vector<int64_t> {
   const int64_t dim = C / n_head, threads = at::get_num_threads(), n = tokens.size(), first = n - logit_rows;
   std::vector<float> x(n * C);  // the residual stream, a row a token
   std::vector<T> qkv(n * 3 * C), attended(n * C), activation(n * 4 * C), normed(threads * n * C);
-  std::vector<std::atomic<int64_t>> next(5 * blocks.size() + 1);  // each product's next chunk, each block's next head
+  // each product's next chunk, each block's next head; the screen's product and its candidates
+  std::vector<std::atomic<int64_t>> next(5 * blocks.size() + 3);
   std::vector<int64_t> best(threads * logit_rows, -1);  // each thread's largest logit of each row
+  const bool screened = std::is_same_v<W, T> && keep > 0;
+  Bounds bounds(screened ? threads : 0, logit_rows, vocab, std::is_same_v<T, float> ? 0 : C, keep);
+  std::atomic<int64_t> rows_read{0};  // of lm_head, a row once for each logit row
   for (int64_t m = 0; m < n; ++m)
     for (int64_t i = 0; i < C; ++i)
       x[m * C + i] = rounded<T>(load(wte[tokens[m] * C + i]) + load(wpe[(position + m) * C + i]));
@@ -423,22 +504,62 @@ auto decode(const std::vector<Block<T, W>>& blocks, const T* wte, const T* wpe, 
     int64_t mine[MAX_TOKENS];
     float mine_value[MAX_TOKENS] = {};
     std::fill_n(mine, logit_rows, -1);
-    product(lm_head, a, logit_rows, lm_head_s, vocab, C, *chunks, [&](int64_t begin, int64_t end, const float* dots) {
-      for (int64_t m = 0; m < logit_rows; ++m) {
-        T* row = logits + m * vocab;
-        for (int64_t o = begin; o < end; ++o) {
-          row[o] = store<T>(dots[m * CHUNK + o - begin]);
-          const float v = load(row[o]);
-          if (mine[m] < 0 || v > mine_value[m] || (std::isnan(v) && !std::isnan(mine_value[m])))
-            mine[m] = o, mine_value[m] = v;
+    auto pick = [&](int64_t m, int64_t o) {
+      const float v = load(logits[m * vocab + o]);
+      if (mine[m] < 0 || v > mine_value[m] || (std::isnan(v) && !std::isnan(mine_value[m])))
+        mine[m] = o, mine_value[m] = v;
+    };
+    bool full = true;
+    if constexpr (std::is_same_v<W, T>)
+      if (screened) {
+        const float* h = reinterpret_cast<const float*>(a);  // fp32 rows, or bf16 ones widened:
+        if constexpr (!std::is_same_v<T, float>) {
+          float* wide = bounds.wide.data() + t * logit_rows * C;
+          for (int64_t i = 0; i < logit_rows * C; ++i) wide[i] = load(a[i]);
+          h = wide;
+        }
+        float cut[MAX_TOKENS];
+        if (screen_rows(screen, h, logit_rows, vocab, C, t, chunks[0], bounds, cut)) {
+          full = false;
+          for (int64_t m = 0; m < logit_rows; ++m) cut[m] = rounded<T>(cut[m]);  // compared as the logits round
+          // The rows whose logit may be among the keep largest, exactly; the others -inf.
+          const T minus_inf = store<T>(-std::numeric_limits<float>::infinity());
+          int64_t kept = 0;
+          for (int64_t begin; (begin = chunks[1].fetch_add(SCAN, std::memory_order_relaxed)) < vocab;)
+            for (int64_t m = 0; m < logit_rows; ++m) {
+              const float* upper = bounds.upper.data() + m * vocab;
+              T* row = logits + m * vocab;
+              for (int64_t o = begin; o < std::min(vocab, begin + SCAN); ++o) {
+                if (rounded<T>(upper[o]) < cut[m]) {
+                  row[o] = minus_inf;
+                  continue;
+                }
+                float dot;
+                rows_dot<1, 1>(lm_head + o * C, a + m * C, C, &dot);
+                row[o] = store<T>(dot);
+                pick(m, o);
+                ++kept;
+              }
+            }
+          rows_read += kept;
         }
       }
-    });
+    if (full) {
+      if (t == 0) rows_read += logit_rows * vocab;
+      product(lm_head, a, logit_rows, lm_head_s, vocab, C, chunks[2], [&](int64_t begin, int64_t end, const float* d) {
+        for (int64_t m = 0; m < logit_rows; ++m)
+          for (int64_t o = begin; o < end; ++o) {
+            logits[m * vocab + o] = store<T>(d[m * CHUNK + o - begin]);
+            pick(m, o);
+          }
+      });
+    }
     std::copy_n(mine, logit_rows, best.data() + t * logit_rows);
     // Once a step, not after each product: a release there made 8-16 bf16 tokens 2-4% slower (each product
     // of 2 to 16 tokens, the lm_head's logit rows too, configures the tiles it needs).
     if (std::is_same_v<W, uint16_t> && n >= 2 && amx_ready()) _tile_release();
   }
+  read = rows_read;
   std::vector<int64_t> tops(logit_rows, -1);  // the threads' picks merged: the larger logit, the lower id of equal
   for (int64_t m = 0; m < logit_rows; ++m) {   // ones, a NaN first
     const T* row = logits + m * vocab;
@@ -481,9 +602,10 @@ const float* scale_of(at::TensorList scales, size_t i) {
 }
 
 template <typename T, typename W>
-std::tuple<at::Tensor, std::vector<int64_t>> run(at::TensorList params, at::TensorList scales, at::TensorList caches,
-                                                 at::IntArrayRef tokens, int64_t position, int64_t column,
-                                                 int64_t logit_rows, double eps) {
+std::tuple<at::Tensor, std::vector<int64_t>, int64_t> run(at::TensorList params, at::TensorList scales,
+                                                          at::TensorList caches, at::IntArrayRef tokens,
+                                                          int64_t position, int64_t column, int64_t logit_rows,
+                                                          double eps, at::TensorList screen, int64_t keep) {
   const at::Tensor& wte = params[0];
   const int64_t vocab = wte.size(0), C = wte.size(1), n_head = caches[0].size(2), max_len = caches[0].size(3);
   std::vector<Block<T, W>> blocks;
@@ -496,12 +618,15 @@ std::tuple<at::Tensor, std::vector<int64_t>> run(at::TensorList params, at::Tens
                       scale_of(scales, 4 * i + 3), reinterpret_cast<T*>(caches[i].data_ptr())});
   }
   const size_t last = params.size() - 1;
+  int64_t read = 0;
   at::Tensor logits = at::empty({logit_rows, vocab}, wte.options());
   auto tops = decode<T, W>(blocks, ptr<T>(wte), ptr<T>(params[1]), ptr<T>(params[last - 2]), ptr<T>(params[last - 1]),
                            ptr<W>(params[last]), scale_of(scales, 4 * caches.size()), vocab, C, n_head, max_len,
                            tokens.vec(), position, column, logit_rows, static_cast<float>(eps),
-                           reinterpret_cast<T*>(logits.data_ptr()));
-  return {logits, tops};
+                           screen.empty() ? Screen{} : Screen{ptr<int8_t>(screen[0]), ptr<float>(screen[1]),
+                                                               ptr<float>(screen[2]), ptr<float>(screen[3])},
+                           screen.empty() ? 0 : keep, reinterpret_cast<T*>(logits.data_ptr()), read);
+  return {logits, tops, read};
 }
 
 bool is_matrix(size_t i, size_t count) {  // params[i] is one of the matrices (each block's 4, lm_head)
@@ -525,10 +650,10 @@ void check_scales(const char* op, at::TensorList scales, const std::vector<at::T
                 op, ": fp32 scales (out,) expected for a matrix of ", matrices[i].sizes(), ", got ", scales[i].sizes());
 }
 
-std::tuple<at::Tensor, std::vector<int64_t>> decode_token(at::TensorList params, at::TensorList scales,
+std::tuple<at::Tensor, std::vector<int64_t>, int64_t> decode_token(at::TensorList params, at::TensorList scales,
                                                           at::TensorList caches, at::IntArrayRef tokens,
                                                           int64_t position, int64_t column, int64_t logit_rows,
-                                                          double eps) {
+                                                          double eps, at::TensorList screen, int64_t keep) {
   TORCH_CHECK(!caches.empty() && params.size() == 5 + PER_BLOCK * caches.size(),
               "decode_token: wte, wpe, ", PER_BLOCK, " tensors a block, ln_f's weight and bias and lm_head's weight ",
               "expected, got ", params.size(), " tensors for ", caches.size(), " blocks");
@@ -562,10 +687,27 @@ std::tuple<at::Tensor, std::vector<int64_t>> decode_token(at::TensorList params,
     TORCH_CHECK(0 <= token && token < params[0].size(0), "decode_token: token ", token, " out of range");
   TORCH_CHECK(0 <= position && position + n <= params[1].size(0) && column >= 0, "decode_token: positions ", position,
               " to ", position + n - 1, " or column ", column, " out of range");
+  const int64_t vocab = params.back().size(0);
+  TORCH_CHECK(0 <= keep && keep <= vocab, "decode_token: keep 0 (all logits) to ", vocab, " expected, got ", keep);
+  TORCH_CHECK(keep == 0 || (screen.size() == 4 && matrix_dtype == dtype), "decode_token: keep ", keep,
+              " needs lm_head's screen (int8 copy, scales, r2, r1) and float matrices, got ", screen.size(),
+              " screen tensors and ", matrix_dtype, " matrices");
+  if (!screen.empty()) {
+    TORCH_CHECK(screen.size() == 4 && screen[0].scalar_type() == at::kChar &&
+                    screen[0].sizes() == params.back().sizes(),
+                "decode_token: a screen of int8 (", params.back().sizes(), ") and 3 fp32 (", vocab,
+                ",) tensors expected, got ", screen.size(), " tensors");
+    for (const at::Tensor& v : screen)
+      TORCH_CHECK(v.is_contiguous() && v.device().is_cpu() && v.size(0) == vocab &&
+                      (&v == &screen[0] || (v.scalar_type() == at::kFloat && v.dim() == 1)),
+                  "decode_token: a screen of int8 (", params.back().sizes(), ") and 3 fp32 (", vocab,
+                  ",) contiguous CPU tensors expected, got ", v.scalar_type(), " ", v.sizes());
+  }
   if (matrix_dtype == at::kChar)
-    return run<float, int8_t>(params, scales, caches, tokens, position, column, logit_rows, eps);
-  if (dtype == at::kFloat) return run<float, float>(params, scales, caches, tokens, position, column, logit_rows, eps);
-  return run<uint16_t, uint16_t>(params, scales, caches, tokens, position, column, logit_rows, eps);
+    return run<float, int8_t>(params, scales, caches, tokens, position, column, logit_rows, eps, screen, keep);
+  if (dtype == at::kFloat)
+    return run<float, float>(params, scales, caches, tokens, position, column, logit_rows, eps, screen, keep);
+  return run<uint16_t, uint16_t>(params, scales, caches, tokens, position, column, logit_rows, eps, screen, keep);
 }
 
 template <typename T, typename W>
@@ -613,7 +755,7 @@ std::vector<at::Tensor> matvecs(at::TensorList matrices, at::TensorList vectors,
 
 TORCH_LIBRARY_FRAGMENT(gpt2lab, m) {
   m.def("decode_token(Tensor[] params, Tensor[] scales, Tensor(a!)[] caches, int[] tokens, int position, int column, "
-        "int logit_rows, float eps) -> (Tensor, int[])");
+        "int logit_rows, float eps, Tensor[] screen, int keep) -> (Tensor, int[], int)");
   m.def("matvecs(Tensor[] matrices, Tensor[] vectors, Tensor[] scales) -> Tensor[]");
   m.def("amx_ready() -> bool", amx_ready);  // whether decode_token runs bf16 tokens on AMX here
 }
