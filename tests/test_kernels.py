@@ -621,11 +621,12 @@ def test_fused_steps_pick_is_torchs_max_with_ties_and_nans(fused_step_kernel, dt
 SCREEN_CFG = GPT2Config(vocab_size=5000, n_ctx=24, n_embd=64, n_layer=1, n_head=4)  # 3 scans of 2048 ids
 
 
-def test_lm_head_screen_bounds_every_logit():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lm_head_screen_bounds_every_logit(fused_step_kernel, dtype):
     """The screen's rows are within r2 (|.|_2) and r1 (max) of lm_head's, so a logit is within r2 |h|_2 and
-    r1 |h|_1 of the screen's; rows with a NaN or an infinity get no screen."""
+    r1 |h|_1 of the screen's; a matrix with a NaN or an infinity gets no screen."""
     generator = torch.Generator().manual_seed(21)
-    weight = torch.randn(300, 64, generator=generator) * torch.rand(300, 1, generator=generator)
+    weight = (torch.randn(300, 64, generator=generator) * torch.rand(300, 1, generator=generator)).to(dtype)
     weight[7] = 0.0  # a zero row
     q, scale, r2, r1 = kernels.lm_head_screen(weight)
     assert q.dtype == torch.int8 and q.abs().amax(dim=1)[8:].eq(127).all()
@@ -635,6 +636,8 @@ def test_lm_head_screen_bounds_every_logit():
     gap = (weight.double() @ h - (q.double() @ h) * scale.double()).abs()
     assert (gap <= torch.minimum(r2 * h.norm(), r1 * h.abs().sum())).all()
     weight[3, 5] = float("nan")
+    assert kernels.lm_head_screen(weight) == []
+    weight[3, 5] = float("-inf")
     assert kernels.lm_head_screen(weight) == []
 
 

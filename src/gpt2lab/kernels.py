@@ -345,27 +345,13 @@ def fused_max_tokens(dtype: torch.dtype) -> int:
 
 def lm_head_screen(weight: torch.Tensor) -> list[torch.Tensor]:
     """The screen of an fp32 or bf16 lm_head ``weight`` (vocab, C) that lets a fused step read it whole only
-    for the logits that may be among the largest (see ``Screen`` in ``csrc/decode_token.cpp``): ``[q (vocab, C)
-    int8, scale, r2, r1 (vocab,) fp32]``, each row ``w ~ scale * q`` (its largest value 127) with ``r2 >= |w -
-    scale q|_2`` and ``r1 >= max |w - scale q|``, grown by what the kernel's fp32 sums of a row (w's and the
-    screen's) may round. [] for a matrix with a NaN or an
-    infinity (no bound holds). Kept for each matrix and its version (:func:`_screen_of`): ~vocab * C bytes.
-    """
-    w = weight.detach().double()  # (vocab, C): every sum below exact enough, the errors bounded from above
-    if not torch.isfinite(w).all():
-        return []
-    largest = w.abs().amax(dim=1)  # (vocab,)
-    scale = (largest / 127).float()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # (vocab,) as the kernel multiplies it
-    q = torch.round(w / scale.double()[:, None]).clamp(-127, 127)  # (vocab, C)
-    error = w - q * scale.double()[:, None]  # (vocab, C), exact
-    # Of each sum's absolute terms, what the kernel's fp32 sums may round: C/16 + 5 roundings of 2^-24 each (16 lanes
-    # of C/16 fused multiply-adds or vdpbf16ps halves, 4 to add the lanes, the screen's scale), doubled.
-    rounding = 2 * (w.shape[1] // 16 + 6) * 2.0**-24
-    r2 = error.norm(dim=1) + rounding * (2 * w.norm(dim=1) + error.norm(dim=1))
-    r1 = error.abs().amax(dim=1) + rounding * (2 * largest + error.abs().amax(dim=1))
-    up = 1 + 2.0**-20  # rounded to fp32 from above
-    return [q.to(torch.int8).contiguous(), scale.contiguous(), (r2 * up).float(), (r1 * up).float()]
+    for the logits that may be among the largest (``gpt2lab::lm_head_screen``; see ``Screen`` in
+    ``csrc/decode_token.cpp``): ``[q (vocab, C) int8, scale, r2, r1 (vocab,) fp32]``, each row ``w ~ scale * q``
+    (its largest value 127) with ``r2 >= |w - scale q|_2`` and ``r1 >= max |w - scale q|``, grown by what the
+    kernel's fp32 sums of a row (w's and the screen's) may round; [] for a matrix with a NaN or an infinity (no
+    bound holds). ~25 ms for GPT-2 124M's on 2 cores; kept for each matrix and its version (:func:`_screen_of`):
+    ~vocab * C bytes."""
+    return torch.ops.gpt2lab.lm_head_screen(weight)
 
 
 _SCREENS: dict[int, tuple[weakref.ref, int, list[torch.Tensor]]] = {}  # id(weight) -> (weight, version, screen)
@@ -373,7 +359,7 @@ _SCREENS: dict[int, tuple[weakref.ref, int, list[torch.Tensor]]] = {}  # id(weig
 
 def _screen_of(weight: torch.Tensor) -> list[torch.Tensor]:
     """:func:`lm_head_screen` of ``weight``, made once for each matrix and version (a decoding run
-    makes a step; quantizing 124M's lm_head takes ~0.3 s); dropped with the matrix."""
+    makes a step); dropped with the matrix."""
     key = id(weight)
     kept = _SCREENS.get(key)
     if kept is not None and kept[0]() is weight and kept[1] == weight._version:

@@ -357,6 +357,50 @@ inline void attend(const T* qkv, T* kv, int64_t h, int64_t n_head, int64_t max_l
   }
 }
 
+inline __m256 half8(__m512 v, int half) {  // 8 of 16 floats (AVX512F alone)
+  return _mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(v), half));
+}
+
+// The screen of lm_head's matrix w (see Screen): per row, q = round(w / scale) with scale = max |w| / 127,
+// r2 and r1 from the exact error w - scale q (sums in double), grown by what the step's fp32 sums may round.
+template <typename T>
+void screen_rows_of(const T* w, int64_t vocab, int64_t C, int8_t* q, float* scale, float* r2, float* r1,
+                    std::atomic<bool>& finite) {
+  const double rounding = 2.0 * (C / 16 + 6) * 0x1p-24, up = 1.0 + 0x1p-20;  // rounded to fp32 from above
+  at::parallel_for(0, vocab, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const T* row = w + o * C;
+      __m512 lane_max = _mm512_setzero_ps();  // C is a multiple of 32
+      for (int64_t j = 0; j < C; j += 16) lane_max = _mm512_max_ps(lane_max, _mm512_abs_ps(load16(row + j, 0xffff)));
+      const float largest = _mm512_reduce_max_ps(lane_max);
+      const float s = largest > 0.0f ? largest / 127.0f : 1.0f;  // (any whole k will do: e is the k taken's)
+      const __m512 inverse = _mm512_set1_ps(1.0f / s), most = _mm512_set1_ps(127.0f);
+      const __m512d scale_d = _mm512_set1_pd(s);
+      __m512d squares = _mm512_setzero_pd(), errors = _mm512_setzero_pd(), error_max = _mm512_setzero_pd();
+      for (int64_t j = 0; j < C; j += 16) {
+        const __m512 v = load16(row + j, 0xffff);
+        const __m512 k = _mm512_min_ps(most, _mm512_max_ps(-most, _mm512_roundscale_ps(_mm512_mul_ps(v, inverse),
+                                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + o * C + j), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(k)));
+        for (int half = 0; half < 2; ++half) {  // in double, e = v - k s exactly (k has 8 bits, s 24)
+          const __m512d vd = _mm512_cvtps_pd(half8(v, half)), kd = _mm512_cvtps_pd(half8(k, half));
+          const __m512d e = _mm512_fnmadd_pd(kd, scale_d, vd);
+          squares = _mm512_fmadd_pd(vd, vd, squares), errors = _mm512_fmadd_pd(e, e, errors);
+          error_max = _mm512_max_pd(error_max, _mm512_abs_pd(e));
+        }
+      }
+      const double sum_squares = _mm512_reduce_add_pd(squares), sum_errors = _mm512_reduce_add_pd(errors);
+      const double largest_error = _mm512_reduce_max_pd(error_max);
+      // a NaN or an infinity anywhere in the row makes these sums NaN or infinite (max would skip a NaN)
+      if (!std::isfinite(sum_squares) || !std::isfinite(largest)) finite = false;
+      scale[o] = s;
+      const double norm = std::sqrt(sum_squares), error_norm = std::sqrt(sum_errors);
+      r2[o] = static_cast<float>((error_norm + rounding * (2 * norm + error_norm)) * up);
+      r1[o] = static_cast<float>((largest_error + rounding * (2 * largest + largest_error)) * up);
+    }
+  });
+}
+
 constexpr int64_t SCAN = 2048;  // ids a thread takes at a time when it looks for a screened step's candidates
 
 // Greedy decoding needs the largest logit of each row and top-k sampling the k largest, not all 50257:
@@ -710,6 +754,25 @@ std::tuple<at::Tensor, std::vector<int64_t>, int64_t> decode_token(at::TensorLis
   return run<uint16_t, uint16_t>(params, scales, caches, tokens, position, column, logit_rows, eps, screen, keep);
 }
 
+// [q (vocab, C) int8, scale, r2, r1 (vocab,) fp32] for an fp32 or bf16 lm_head matrix; [] where it holds a NaN
+// or an infinity (no bound holds).
+std::vector<at::Tensor> lm_head_screen(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu() &&
+                  (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+              "lm_head_screen: a contiguous fp32 or bf16 CPU matrix expected, got ", w.scalar_type(), " ", w.sizes());
+  const int64_t vocab = w.size(0), C = w.size(1);
+  at::Tensor q = at::empty({vocab, C}, w.options().dtype(at::kChar));
+  std::vector<at::Tensor> out{q};
+  for (int i = 0; i < 3; ++i) out.push_back(at::empty({vocab}, w.options().dtype(at::kFloat)));
+  std::atomic<bool> finite{true};
+  int8_t* qs = q.data_ptr<int8_t>();
+  float *scale = out[1].data_ptr<float>(), *r2 = out[2].data_ptr<float>(), *r1 = out[3].data_ptr<float>();
+  if (w.scalar_type() == at::kFloat) screen_rows_of(ptr<float>(w), vocab, C, qs, scale, r2, r1, finite);
+  else screen_rows_of(ptr<uint16_t>(w), vocab, C, qs, scale, r2, r1, finite);
+  if (!finite) return {};
+  return out;
+}
+
 template <typename T, typename W>
 std::vector<at::Tensor> run_matvecs(at::TensorList matrices, at::TensorList vectors, at::TensorList scales) {
   std::vector<const W*> w;
@@ -757,9 +820,11 @@ TORCH_LIBRARY_FRAGMENT(gpt2lab, m) {
   m.def("decode_token(Tensor[] params, Tensor[] scales, Tensor(a!)[] caches, int[] tokens, int position, int column, "
         "int logit_rows, float eps, Tensor[] screen, int keep) -> (Tensor, int[], int)");
   m.def("matvecs(Tensor[] matrices, Tensor[] vectors, Tensor[] scales) -> Tensor[]");
+  m.def("lm_head_screen(Tensor weight) -> Tensor[]");
   m.def("amx_ready() -> bool", amx_ready);  // whether decode_token runs bf16 tokens on AMX here
 }
 TORCH_LIBRARY_IMPL(gpt2lab, CPU, m) {
   m.impl("decode_token", decode_token);
   m.impl("matvecs", matvecs);
+  m.impl("lm_head_screen", lm_head_screen);
 }
