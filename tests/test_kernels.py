@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import logging
 
@@ -433,6 +433,16 @@ def test_compiled_graphs_compute_tanh_with_a_sigmoid(cpp_compiler):
 
 
 # --- gpt2lab's whole-step decoding kernel --------------------------------------------------------
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """The fused step's threads share its work (chunks of rows taken in turn, each thread's picks merged, barriers
+    between the products): its tests run it with two (the suite runs one thread otherwise)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 FUSED_CFG = GPT2Config(vocab_size=96, n_ctx=24, n_embd=64, n_layer=2, n_head=4)
 
 
@@ -451,7 +461,7 @@ def _lively_model(cfg: GPT2Config, dtype: torch.dtype, seed: int) -> GPT2:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_step_equals_the_layers_called_one_by_one(fused_step_kernel, dtype):
+def test_fused_step_equals_the_layers_called_one_by_one(fused_step_kernel, two_threads, dtype):
     """The fused step's logits and the keys and values it writes to the cache equal the model's own step
     from the same cache (up to float rounding): one token at the first column, in the middle and at the
     last one, with a position id other than the column. Several tokens (fp32: 6 or 3 a weight load, then
@@ -588,7 +598,7 @@ def test_the_fused_step_is_taken_only_where_it_runs_the_model_as_its_layers_do(f
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_steps_pick_is_torchs_max_with_ties_and_nans(fused_step_kernel, dtype):
+def test_fused_steps_pick_is_torchs_max_with_ties_and_nans(fused_step_kernel, two_threads, dtype):
     """The id the fused step returns with its logits is ``logits.max(-1).indices``: among equal largest
     logits the lowest id (whichever thread wrote them), a NaN above any number, the first NaN of several."""
     if dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
@@ -642,7 +652,7 @@ def test_lm_head_screen_bounds_every_logit(fused_step_kernel, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_screened_step_gives_the_picks_and_largest_logits_of_the_whole_product(fused_step_kernel, dtype):
+def test_screened_step_gives_the_picks_and_largest_logits_of_the_whole_product(fused_step_kernel, two_threads, dtype):
     """With ``keep``, the fused step reads lm_head whole only for the rows an int8 screen cannot rule out of
     each row's ``keep`` largest logits: those logits are the whole product's bit for bit, the others -inf,
     and the picks and the ``keep`` largest are the same, also where rows differ by less than int8 can tell
@@ -675,7 +685,7 @@ def test_screened_step_gives_the_picks_and_largest_logits_of_the_whole_product(f
     model.clear_cache()
 
 
-def test_screen_keeps_a_best_row_that_int8_underrates_by_nearly_its_whole_margin(fused_step_kernel):
+def test_screen_keeps_a_best_row_that_int8_underrates_by_nearly_its_whole_margin(fused_step_kernel, two_threads):
     """Two rows whose int8 copies err by almost all their bound, the other way each: the best row's screen value
     0.95 |h|_1 s below the other's (s: the int8 step), its logit above. The screen keeps it."""
     C = SCREEN_CFG.n_embd
@@ -709,7 +719,7 @@ def test_screen_keeps_a_best_row_that_int8_underrates_by_nearly_its_whole_margin
 
 @pytest.mark.parametrize("sampling", [{}, {"prompt_lookup": 3}, {"temperature": 1.0, "top_k": 20},
                                       {"temperature": 0.8, "top_k": 40, "top_p": 0.9}])  # fmt: skip
-def test_generation_screens_lm_head_and_gives_the_same_tokens(fused_step_kernel, sampling, monkeypatch):
+def test_generation_screens_lm_head_and_gives_the_same_tokens(fused_step_kernel, two_threads, sampling, monkeypatch):
     """Greedy decoding (prompt lookup's checks too) and top-k sampling read few of lm_head's rows whole, and
     give the tokens they give reading all of them (a seed: the same draws)."""
     model = _lively_model(SCREEN_CFG, torch.float32, seed=17)
@@ -728,7 +738,8 @@ def test_generation_screens_lm_head_and_gives_the_same_tokens(fused_step_kernel,
     assert screened == run() and steps[1].screened == 0
 
 
-def test_screened_step_reads_lm_head_whole_where_the_screen_does_not_pay_or_cannot_bound(fused_step_kernel, caplog):
+def test_screened_step_reads_lm_head_whole_where_the_screen_does_not_pay_or_cannot_bound(fused_step_kernel, two_threads,
+                                                                                         caplog):
     """Where the screen keeps most rows (an lm_head of near-copies of one row), the step stops screening after
     ``SCREEN_TRIAL`` logit rows; a NaN in the hidden state (no bound holds) reads every row, as without it."""
     model = _lively_model(SCREEN_CFG, torch.float32, seed=16)

@@ -357,6 +357,27 @@ inline void attend(const T* qkv, T* kv, int64_t h, int64_t n_head, int64_t max_l
   }
 }
 
+// The least float above every value that rounds (as T) below cut's rounding: cut itself in fp32; in bf16
+// the next float after the bf16 value just under cut's (so that u < it only where round(u) < round(cut)).
+template <typename T>
+inline float below_rounded(float cut) {
+  if constexpr (std::is_same_v<T, float>) {
+    return cut;
+  } else {
+    const uint16_t r = store<T>(cut);
+    const float rounded = load(r);
+    const uint16_t under = rounded > 0.0f ? r - 1 : rounded < 0.0f ? r + 1 : 0x8001;  // (0: the least negative)
+    return std::nextafter(load(under), std::numeric_limits<float>::infinity());
+  }
+}
+
+inline void store_minus_inf(float* p, __mmask16 lanes) {
+  _mm512_mask_storeu_ps(p, lanes, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+}
+inline void store_minus_inf(uint16_t* p, __mmask16 lanes) {
+  _mm256_mask_storeu_epi16(p, lanes, _mm256_set1_epi16(static_cast<int16_t>(0xff80)));  // bf16's -inf
+}
+
 inline __m256 half8(__m512 v, int half) {  // 8 of 16 floats (AVX512F alone)
   return _mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(v), half));
 }
@@ -417,16 +438,19 @@ struct Screen {
   const float *scale = nullptr, *r2 = nullptr, *r1 = nullptr;
 };
 
-struct Bounds {  // a screened step's, shared by its threads
-  Bounds(int64_t threads, int64_t rows, int64_t vocab, int64_t C, int64_t keep)
-      : upper(threads ? rows * vocab : 0), lower(threads && keep > 1 ? rows * vocab : 0),
-        largest(threads * rows), cut(rows), wide(threads * rows * C), keep(keep) {}
+struct Bounds {  // a screened step's, shared by its threads (kept from step to step: no allocation a step)
+  void reset(int64_t threads, int64_t rows, int64_t vocab, int64_t C, int64_t keep_) {
+    upper.resize(rows * vocab), lower.resize(keep_ > 1 ? rows * vocab : 0), largest.resize(threads * rows);
+    cut.resize(rows), wide.resize(threads * rows * C), keep = keep_;
+  }
   std::vector<float> upper, lower;  // (rows, vocab): each logit's upper and (keep > 1) lower bound
   std::vector<float> largest;       // (threads, rows): each thread's largest lower bound of each row
   std::vector<float> cut;           // (rows,): the keep-th largest lower bound of each row (keep > 1)
   std::vector<float> wide;          // (threads, rows, C): each thread's fp32 copy of the rows it screens
-  int64_t keep;
+  int64_t keep = 0;
 };
+
+inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xffff : (1u << n) - 1); }
 
 // The screen's product for the `rows` rows of h (fp32: exact copies of bf16), the bounds of every logit,
 // and each row's cut: the keep-th largest lower bound, no logit above which can be missing from the keep
@@ -446,15 +470,25 @@ inline bool screen_rows(const Screen& s, const float* h, int64_t rows, int64_t v
   }
   if (!finite) return false;  // the same h in every thread: all of them return here
   product(s.q, h, rows, s.scale, vocab, C, next, [&](int64_t begin, int64_t end, const float* dots) {
-    for (int64_t m = 0; m < rows; ++m)
-      for (int64_t o = begin; o < end; ++o) {
-        const float approx = dots[m * CHUNK + o - begin];  // and what adding the margin may round, + FTZ's
-        const float margin = std::min(norm2[m] * s.r2[o], norm1[m] * s.r1[o]) + std::abs(approx) * 0x1p-20f + 1e-30f;
-        const float low = approx - margin;
-        b.upper[m * vocab + o] = approx + margin;
-        if (b.keep > 1) b.lower[m * vocab + o] = std::isnan(low) ? -inf : low;
-        largest[m] = std::max(largest[m], low);  // (a NaN is no larger)
+    for (int64_t m = 0; m < rows; ++m) {
+      const __m512 n2 = _mm512_set1_ps(norm2[m]), n1 = _mm512_set1_ps(norm1[m]), none = _mm512_set1_ps(-inf);
+      __m512 top = none;
+      for (int64_t o = begin; o < end; o += 16) {
+        const __mmask16 live = first_lanes(end - o);
+        const __m512 approx = _mm512_maskz_loadu_ps(live, dots + m * CHUNK + o - begin);
+        const __m512 bound = _mm512_min_ps(_mm512_mul_ps(n2, _mm512_maskz_loadu_ps(live, s.r2 + o)),
+                                           _mm512_mul_ps(n1, _mm512_maskz_loadu_ps(live, s.r1 + o)));
+        // + what adding the margin may round, + what flushing a tiny product to zero may lose
+        const __m512 margin = _mm512_add_ps(
+            bound, _mm512_fmadd_ps(_mm512_abs_ps(approx), _mm512_set1_ps(0x1p-20f), _mm512_set1_ps(1e-30f)));
+        __m512 low = _mm512_sub_ps(approx, margin);
+        low = _mm512_mask_mov_ps(low, _mm512_cmp_ps_mask(low, low, _CMP_UNORD_Q), none);  // a NaN bounds nothing
+        _mm512_mask_storeu_ps(b.upper.data() + m * vocab + o, live, _mm512_add_ps(approx, margin));
+        if (b.keep > 1) _mm512_mask_storeu_ps(b.lower.data() + m * vocab + o, live, low);
+        top = _mm512_mask_max_ps(top, live, top, low);
       }
+      largest[m] = std::max(largest[m], _mm512_reduce_max_ps(top));
+    }
   });
   std::copy_n(largest, rows, b.largest.data() + t * rows);
 #pragma omp barrier
@@ -493,7 +527,9 @@ auto decode(const std::vector<Block<T, W>>& blocks, const T* wte, const T* wpe, 
   std::vector<std::atomic<int64_t>> next(5 * blocks.size() + 3);
   std::vector<int64_t> best(threads * logit_rows, -1);  // each thread's largest logit of each row
   const bool screened = std::is_same_v<W, T> && keep > 0;
-  Bounds bounds(screened ? threads : 0, logit_rows, vocab, std::is_same_v<T, float> ? 0 : C, keep);
+  static thread_local Bounds kept_bounds;  // the calling thread's: named through a reference in the threads below
+  Bounds& bounds = kept_bounds;
+  if (screened) bounds.reset(threads, logit_rows, vocab, std::is_same_v<T, float> ? 0 : C, keep);
   std::atomic<int64_t> rows_read{0};  // of lm_head, a row once for each logit row
   for (int64_t m = 0; m < n; ++m)
     for (int64_t i = 0; i < C; ++i)
@@ -565,26 +601,33 @@ auto decode(const std::vector<Block<T, W>>& blocks, const T* wte, const T* wpe, 
         float cut[MAX_TOKENS];
         if (screen_rows(screen, h, logit_rows, vocab, C, t, chunks[0], bounds, cut)) {
           full = false;
-          for (int64_t m = 0; m < logit_rows; ++m) cut[m] = rounded<T>(cut[m]);  // compared as the logits round
+          // A row is ruled out where its upper bound is below the cut's logit (rounded as the logits are)
+          // and every value that rounds below it: bf16, below the bf16 value under the cut's.
+          __m512 below[MAX_TOKENS];
+          for (int64_t m = 0; m < logit_rows; ++m) below[m] = _mm512_set1_ps(below_rounded<T>(cut[m]));
           // The rows whose logit may be among the keep largest, exactly; the others -inf.
-          const T minus_inf = store<T>(-std::numeric_limits<float>::infinity());
           int64_t kept = 0;
-          for (int64_t begin; (begin = chunks[1].fetch_add(SCAN, std::memory_order_relaxed)) < vocab;)
+          for (int64_t begin; (begin = chunks[1].fetch_add(SCAN, std::memory_order_relaxed)) < vocab;) {
+            const int64_t stop = std::min(vocab, begin + SCAN);
             for (int64_t m = 0; m < logit_rows; ++m) {
               const float* upper = bounds.upper.data() + m * vocab;
               T* row = logits + m * vocab;
-              for (int64_t o = begin; o < std::min(vocab, begin + SCAN); ++o) {
-                if (rounded<T>(upper[o]) < cut[m]) {
-                  row[o] = minus_inf;
-                  continue;
+              for (int64_t o = begin; o < stop; o += 16) {
+                const __mmask16 live = first_lanes(stop - o);
+                const __mmask16 out =
+                    _mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, upper + o), below[m], _CMP_LT_OQ);
+                store_minus_inf(row + o, out);
+                for (uint32_t in = live & ~out; in; in &= in - 1) {  // a NaN bound rules nothing out
+                  const int64_t i = o + __builtin_ctz(in);
+                  float dot;
+                  rows_dot<1, 1>(lm_head + i * C, a + m * C, C, &dot);
+                  row[i] = store<T>(dot);
+                  pick(m, i);
+                  ++kept;
                 }
-                float dot;
-                rows_dot<1, 1>(lm_head + o * C, a + m * C, C, &dot);
-                row[o] = store<T>(dot);
-                pick(m, o);
-                ++kept;
               }
             }
+          }
           rows_read += kept;
         }
       }
