@@ -1,8 +1,11 @@
-// gpt2lab::decode_token(params, scales, caches, tokens, position, column, logit_rows, eps): one cached step of
-// GPT-2 over 1 to MAX_TOKENS tokens of one sequence (at positions position.., cache columns column..), the
-// whole model in one call: the logits (logit_rows, vocab) of the tokens after the last logit_rows of them,
-// and the id of each row's largest logit (greedy decoding's pick, found as the logits are written: torch's
-// max over 50257 logits takes ~80-130 us a token, ~1% of a bf16 step of GPT-2 124M). Several tokens (a
+// gpt2lab::decode_token(params, scales, caches, tokens, position, column, logit_rows, eps, screen, keep): one
+// cached step of GPT-2 over 1 to MAX_TOKENS tokens of one sequence (at positions position.., cache columns
+// column..), the whole model in one call: the logits (logit_rows, vocab) of the tokens after the last
+// logit_rows of them (keep > 0: only those that may be among each row's keep largest, the others -inf, with
+// lm_head's int8 screen: see Screen), the id of each row's largest logit (greedy decoding's pick, found as
+// the logits are written: torch's max over 50257 logits takes ~80-130 us a token, ~1% of a bf16 step of
+// GPT-2 124M) and how many of lm_head's rows it read whole (all of them for each logit row, or those the
+// screen kept). gpt2lab::lm_head_screen(weight) makes the screen. Several tokens (a
 // short prompt, a prompt-lookup check) share each load of a weight (3 or 6 at a time), and each token's
 // arithmetic is the same as in a step of its own (the same logits and cache, bit for bit); bf16 on a CPU
 // with AMX multiplies 2 to 16 tokens by tiles instead (see product), summing in another order.
