@@ -721,7 +721,8 @@ def test_screen_keeps_a_best_row_that_int8_underrates_by_nearly_its_whole_margin
                                       {"temperature": 0.8, "top_k": 40, "top_p": 0.9}])  # fmt: skip
 def test_generation_screens_lm_head_and_gives_the_same_tokens(fused_step_kernel, two_threads, sampling, monkeypatch):
     """Greedy decoding (prompt lookup's checks too) and top-k sampling read few of lm_head's rows whole, and
-    give the tokens they give reading all of them (a seed: the same draws)."""
+    give the tokens they give reading all of them (a seed: the same draws), also after lm_head changed in place
+    (each run makes its screen)."""
     model = _lively_model(SCREEN_CFG, torch.float32, seed=17)
     prompt, n = [[5, 17, 3, 5, 17]], 40
     steps: list[kernels.FusedDecodeStep] = []
@@ -734,8 +735,13 @@ def test_generation_screens_lm_head_and_gives_the_same_tokens(fused_step_kernel,
 
     screened = run()
     assert 0 < steps[0].rows_read < steps[0].screened * SCREEN_CFG.vocab_size / 20
-    monkeypatch.setattr(kernels, "_screen_of", lambda weight: [])
-    assert screened == run() and steps[1].screened == 0
+    head = model.lm_head.weight.data  # changed in place where PyTorch does not count a change
+    head.copy_(head.flip(0))
+    changed = run()  # screened anew
+    monkeypatch.setattr(kernels, "lm_head_screen", lambda weight: [])
+    assert changed == run() != screened and steps[1].screened and steps[2].screened == 0
+    head.copy_(head.flip(0))
+    assert screened == run()
 
 
 def test_screened_step_reads_lm_head_whole_where_the_screen_does_not_pay_or_cannot_bound(fused_step_kernel, two_threads,

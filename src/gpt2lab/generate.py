@@ -12,9 +12,10 @@ runs the whole model's step at the pace its weights stream from memory, and so d
 and each prompt-lookup check (up to ``FusedDecodeStep.max_tokens`` tokens: 16 in fp32 and in bf16
 on a CPU with AMX, 8 in bf16 without it and in int8); the tokens are those of the layers called one
 by one, up to float rounding (int8 layers of :mod:`gpt2lab.quantize`: on their int8 weights with
-fp32 activations). Greedy decoding and top-k sampling ask it for the logits that may be each row's
-largest one or k only (``keep``): it then reads lm_head through an int8 screen and computes those rows
-alone, the others -inf, with the same picks and draws (see :mod:`gpt2lab.kernels`). A model with other layers
+fp32 activations). Greedy decoding and top-k sampling of :data:`~gpt2lab.kernels.SCREEN_MIN_TOKENS` new
+tokens or more ask it for the logits that may be each row's largest one or k only (``keep``): it then
+reads lm_head through an int8 screen and computes those rows alone, the others -inf, with the same picks
+and draws (see :mod:`gpt2lab.kernels`). A model with other layers
 (LoRA) or with forward hooks decodes layer by layer, so that its layers and hooks run. Tokens
 are drawn on the device of the ``generator`` given (a CPU generator on a GPU model: the same
 tokens as on a CPU, up to float rounding of the probabilities).
@@ -63,7 +64,7 @@ from typing import Any
 import torch
 
 from gpt2lab.errors import Gpt2labError
-from gpt2lab.kernels import compiled_decode_step, few_row_kernels, fused_decode_step
+from gpt2lab.kernels import SCREEN_MIN_TOKENS, compiled_decode_step, few_row_kernels, fused_decode_step
 from gpt2lab.model import GPT2
 
 log = logging.getLogger(__name__)
@@ -418,7 +419,8 @@ def _stream(
     if max_new_tokens == 0:
         return
     with _decoding(model):
-        dec = _Decoder(model, rows, max_new_tokens, compiled, _kept(*sampling, model.config.vocab_size))
+        keep = _kept(*sampling, model.config.vocab_size) if max_new_tokens >= SCREEN_MIN_TOKENS else 0
+        dec = _Decoder(model, rows, max_new_tokens, compiled, keep)
         history = list(rows[0]) if prompt_lookup else []  # the text prompt lookup searches
         finished = [False] * len(rows)
         logits, draft = dec.prefill(), []  # logits (B, 1 + len(draft), V)

@@ -82,7 +82,7 @@ so there the tokens' logits equal their own steps' up to rounding only.
 
 Greedy decoding needs only the largest logit of each row and top-k sampling the k largest: a step asked to
 ``keep`` k reads lm_head (31% of 124M's matrices) whole only for the rows that may be among them. An int8
-copy of it (:func:`lm_head_screen`: 1 byte a weight, a scale a row, made once per matrix in ~30 ms) bounds
+copy of it (:func:`lm_head_screen`: 1 byte a weight, a scale a row, made by each run in ~30 ms) bounds
 each logit: it is within ``min(r2 |h|_2, r1 |h|_1)`` of the int8 row's, r2 and r1 the norm and the largest
 value of that row's error, grown by what the fp32 sums may round; the rows whose upper bound is below the
 k-th largest lower bound are -inf, the others computed as the whole product computes them (the same logits
@@ -100,7 +100,6 @@ import functools
 import logging
 import subprocess
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -362,30 +361,16 @@ def lm_head_screen(weight: torch.Tensor) -> list[torch.Tensor]:
     ``csrc/decode_token.cpp``): ``[q (vocab, C) int8, scale, r2, r1 (vocab,) fp32]``, each row ``w ~ scale * q``
     (its largest value 127) with ``r2 >= |w - scale q|_2`` and ``r1 >= max |w - scale q|``, grown by what the
     kernel's fp32 sums of a row (w's and the screen's) may round; [] for a matrix with a NaN or an infinity (no
-    bound holds). ~25 ms for GPT-2 124M's on 2 cores; kept for each matrix and its version (:func:`_screen_of`):
-    ~vocab * C bytes."""
+    bound holds). ~30 ms for GPT-2 124M's on 2 cores (~vocab * C bytes): each decoding run that screens makes
+    its own (a weight changed in place, even through ``.data``, is never screened by a stale copy)."""
     return torch.ops.gpt2lab.lm_head_screen(weight)
-
-
-_SCREENS: dict[int, tuple[weakref.ref, int, list[torch.Tensor]]] = {}  # id(weight) -> (weight, version, screen)
-
-
-def _screen_of(weight: torch.Tensor) -> list[torch.Tensor]:
-    """:func:`lm_head_screen` of ``weight``, made once for each matrix and version (a decoding run
-    makes a step); dropped with the matrix."""
-    key = id(weight)
-    kept = _SCREENS.get(key)
-    if kept is not None and kept[0]() is weight and kept[1] == weight._version:
-        return kept[2]
-    screen = lm_head_screen(weight)
-    _SCREENS[key] = (weakref.ref(weight, lambda _: _SCREENS.pop(key, None)), weight._version, screen)
-    return screen
 
 
 # A fused step reads lm_head whole again after SCREEN_TRIAL logit rows in which its int8 screen kept more than
 # SCREEN_PAYS of the rows (then the screen costs more than it saves: it reads half of bf16's bytes, a quarter of
-# fp32's).
-SCREEN_TRIAL, SCREEN_PAYS = 16, 0.4
+# fp32's). Generation screens runs of SCREEN_MIN_TOKENS new tokens or more: making the screen takes ~30 ms for
+# GPT-2 124M, what fp32 steps save in ~11 tokens and bf16 ones in ~29.
+SCREEN_TRIAL, SCREEN_PAYS, SCREEN_MIN_TOKENS = 16, 0.4, 32
 
 
 class FusedDecodeStep:
@@ -415,6 +400,7 @@ class FusedDecodeStep:
         self.op, self.params, self.scales, self.caches, self.eps = op, params, scales, caches, eps
         self.max_tokens = fused_max_tokens(params[-1].dtype)
         self.screening = not scales  # int8 matrices: lm_head is read at 1 byte a weight already
+        self.screen: list[torch.Tensor] | None = None  # lm_head's, made at the first call that keeps few logits
         self.screened = self.rows_read = 0  # logit rows screened so far, and lm_head rows read whole for them
 
     def __call__(
@@ -422,7 +408,9 @@ class FusedDecodeStep:
     ) -> tuple[torch.Tensor, list[int]]:
         """``keep`` > 0: only the logits that may be among the ``keep`` largest of each row are computed, the
         others are -inf; the picks and the logits computed are those of ``keep=0``, bit for bit."""
-        screen = _screen_of(self.params[-1]) if keep and self.screening else []
+        if keep and self.screening and self.screen is None:
+            self.screen = lm_head_screen(self.params[-1])  # [] where no bound holds
+        screen = self.screen if keep and self.screening else []
         logits, tops, read = self.op(self.params, self.scales, self.caches, tokens, position, column, logit_rows,
                                      self.eps, screen, keep if screen else 0)  # fmt: skip
         if screen:
