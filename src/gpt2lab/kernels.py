@@ -85,8 +85,9 @@ Greedy decoding needs only the largest logit of each row and top-k sampling the 
 copy of it (:func:`lm_head_screen`: 1 byte a weight, a scale a row, made by each run in ~30 ms) bounds
 each logit: it is within ``min(r2 |h|_2, r1 |h|_1)`` of the int8 row's, r2 and r1 the norm and the largest
 value of that row's error, grown by what the fp32 sums may round; the rows whose upper bound is below the
-k-th largest lower bound are -inf, the others computed as the whole product computes them (the same logits
-and picks, bit for bit). A screened step of 124M reads 39 MB for lm_head instead of 77 (bf16) or 154 (fp32),
+k-th largest lower bound are -inf, the others computed as the whole product computes them for one token (the
+same logits and picks, bit for bit; bf16 logit rows of a check on AMX: those of one-token steps, which the
+tiles' sums equal up to rounding). A screened step of 124M reads 39 MB for lm_head instead of 77 (bf16) or 154 (fp32),
 plus the rows kept (one or two a token on the bench's models): medians of 30 alternating steps at column
 100, fp32 11.6 against 14.3 ms, bf16 7.15 against 8.2, each within 4-5% of its products alone. Where the
 screen keeps over :data:`SCREEN_PAYS` of the rows (it then costs more than it saves), a run reads lm_head
@@ -407,7 +408,8 @@ class FusedDecodeStep:
         self, tokens: list[int], position: int, column: int, logit_rows: int = 1, keep: int = 0
     ) -> tuple[torch.Tensor, list[int]]:
         """``keep`` > 0: only the logits that may be among the ``keep`` largest of each row are computed, the
-        others are -inf; the picks and the logits computed are those of ``keep=0``, bit for bit."""
+        others are -inf; the picks and the logits computed are those of ``keep=0``, bit for bit (bf16 on AMX, 2-16
+        logit rows: those of one-token steps)."""
         if keep and self.screening and self.screen is None:
             self.screen = lm_head_screen(self.params[-1])  # [] where no bound holds
         screen = self.screen if keep and self.screening else []

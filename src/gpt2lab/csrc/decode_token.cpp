@@ -430,12 +430,13 @@ constexpr int64_t SCAN = 2048;  // ids a thread takes at a time when it looks fo
 // Greedy decoding needs the largest logit of each row and top-k sampling the k largest, not all 50257:
 // an int8 copy of lm_head's matrix bounds every logit first, and only the rows whose logit may be among
 // the keep largest are read whole, the others are -inf (GPT-2 124M: 39 MB read instead of 77 (bf16) or 154
-// (fp32), plus a few rows). Per row o of lm_head (w, as gpt2lab.kernels.lm_head_screen makes them): q[o] and
-// scale[o] with w ~ scale q (int8, the row's largest value 127), r2[o] >= |w - scale q|_2 and r1[o] >=
-// max |w - scale q|, each grown by what both fp32 sums may round (C/16 + 5 roundings of each term, doubled),
-// so that |logit - scale (q . h)| <= min(r2 |h|_2, r1 |h|_1) (Cauchy-Schwarz,
-// Hoelder) for the logit as the step computes it: the picks and the logits kept are those of the whole
-// product, bit for bit (the kept rows run the arithmetic of the whole product's one-token rows).
+// (fp32), plus a few rows). Per row o of lm_head (w, as lm_head_screen below makes them): q[o] and scale[o]
+// with w ~ scale q (int8, the row's largest value 127), r2[o] >= |w - scale q|_2 and r1[o] >= max |w -
+// scale q|, each grown by what both fp32 sums may round (C/16 + 5 roundings of each term, doubled), so that
+// |logit - scale (q . h)| <= min(r2 |h|_2, r1 |h|_1) (Cauchy-Schwarz, Hoelder) for the logit as the step
+// computes it. The kept rows run the arithmetic of the whole product's one-token rows: the picks and the
+// logits kept are the whole product's, bit for bit (bf16 logit rows of a check that AMX would multiply get
+// those of one-token steps, which the tiles' sums equal up to rounding).
 struct Screen {
   const int8_t* q = nullptr;
   const float *scale = nullptr, *r2 = nullptr, *r1 = nullptr;
