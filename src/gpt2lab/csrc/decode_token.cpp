@@ -297,6 +297,9 @@ struct Block {  // one transformer block's parameters, as GPT-2 names them
   T* kv;  // (2, 1, n_head, max_len, head_dim)
 };
 
+// The first n of 16 lanes (all of them for n >= 16).
+inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xffff : (1u << n) - 1); }
+
 // 16 values (the first `n` of them, zeros after) widened to fp32.
 inline __m512 load16(const float* p, __mmask16 n) { return _mm512_maskz_loadu_ps(n, p); }
 inline __m512 load16(const uint16_t* p, __mmask16 n) {
@@ -317,7 +320,7 @@ inline void attend(const T* qkv, T* kv, int64_t h, int64_t n_head, int64_t max_l
   T* values = kv + (n_head + h) * max_len * dim;
   std::memcpy(keys + column * dim, qkv + C + h * dim, dim * sizeof(T));
   std::memcpy(values + column * dim, qkv + 2 * C + h * dim, dim * sizeof(T));
-  auto lanes = [dim](int64_t d) { return static_cast<__mmask16>(dim - d >= 16 ? 0xffff : (1u << (dim - d)) - 1); };
+  auto lanes = [dim](int64_t d) { return first_lanes(dim - d); };
   const T* q = qkv + h * dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
   __m512 acc[MAX_HEAD_DIM / 16];
@@ -343,7 +346,7 @@ inline void attend(const T* qkv, T* kv, int64_t h, int64_t n_head, int64_t max_l
       for (int64_t i = 0; i < steps; ++i) acc[i] = _mm512_mul_ps(acc[i], _mm512_set1_ps(shrink));
       top = block_top;
     }
-    const __mmask16 live = static_cast<__mmask16>(m == 16 ? 0xffff : (1u << m) - 1);
+    const __mmask16 live = first_lanes(m);
     const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_load_ps(p), _mm512_set1_ps(top))));
     _mm512_store_ps(p, e);
     sum += _mm512_reduce_add_ps(e);
@@ -453,8 +456,6 @@ struct Bounds {  // a screened step's, shared by its threads (kept from step to 
   std::vector<float> wide;          // (threads, rows, C): each thread's fp32 copy of the rows it screens
   int64_t keep = 0;
 };
-
-inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xffff : (1u << n) - 1); }
 
 // The screen's product for the `rows` rows of h (fp32: exact copies of bf16), the bounds of every logit,
 // and each row's cut: the keep-th largest lower bound, no logit above which can be missing from the keep
