@@ -134,7 +134,7 @@ def _greedy(temperature: float, top_k: int | None) -> bool:
     return temperature == 0 or top_k == 1
 
 
-def _kept(temperature: float, top_k: int | None, top_p: float | None, vocab_size: int) -> int:
+def _kept(temperature: float, top_k: int | None, vocab_size: int) -> int:
     """How many of each row's largest logits :func:`sample` looks at (0: all of them)."""
     if _greedy(temperature, top_k):
         return 1
@@ -419,7 +419,7 @@ def _stream(
     if max_new_tokens == 0:
         return
     with _decoding(model):
-        keep = _kept(*sampling, model.config.vocab_size) if max_new_tokens >= SCREEN_MIN_TOKENS else 0
+        keep = _kept(*sampling[:2], model.config.vocab_size) if max_new_tokens >= SCREEN_MIN_TOKENS else 0
         dec = _Decoder(model, rows, max_new_tokens, compiled, keep)
         history = list(rows[0]) if prompt_lookup else []  # the text prompt lookup searches
         finished = [False] * len(rows)

@@ -499,10 +499,9 @@ inline bool screen_rows(const Screen& s, const float* h, int64_t rows, int64_t v
 #pragma omp barrier
   const int64_t threads = b.largest.size() / rows;
   if (b.keep > 1) {
-    std::vector<float> lower(vocab);
-    for (int64_t m = t; m < rows; m += threads) {
-      std::copy_n(b.lower.data() + m * vocab, vocab, lower.data());
-      std::nth_element(lower.begin(), lower.begin() + b.keep - 1, lower.end(), std::greater<float>());
+    for (int64_t m = t; m < rows; m += threads) {  // (the lower bounds serve the cut alone: reordered in place)
+      float* lower = b.lower.data() + m * vocab;
+      std::nth_element(lower, lower + b.keep - 1, lower + vocab, std::greater<float>());
       b.cut[m] = lower[b.keep - 1];
     }
 #pragma omp barrier
